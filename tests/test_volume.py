@@ -33,3 +33,18 @@ def test_geometry_rejects_bad_values():
 def test_geometry_dict_round_trip():
     g = Geometry((5, 6, 7), (3.0, 2.0, 1.0), (10.0, 20.0, 30.0), (0, 1, 0, 1, 0, 0, 0, 0, -1))
     assert Geometry.from_dict(g.to_dict()) == g
+
+
+def test_atomic_write_gives_normal_permissions_and_leaves_nothing_on_failure(tmp_path):
+    import os
+    import stat
+
+    from nodulenet.io.atomic import atomic_path, default_file_mode, write_json_atomic
+
+    target = write_json_atomic(tmp_path / "a.json", {"x": 1})
+    assert stat.S_IMODE(os.stat(target).st_mode) == default_file_mode()
+    with pytest.raises(RuntimeError):
+        with atomic_path(tmp_path / "b.json") as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("disk full")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]

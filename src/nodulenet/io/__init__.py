@@ -1,5 +1,31 @@
-"""Readers and writers: DICOM series, MetaImage, NIfTI, NRRD; LIDC XML; LUNA CSV; world<->voxel."""
+"""Readers and writers: DICOM series, MetaImage, NIfTI, NRRD; LIDC XML; LUNA CSV; world<->voxel.
+
+Importing ``nodulenet.io`` is cheap: the readers (pydicom, SimpleITK) load when first used.
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 from nodulenet.io.volume import Geometry, Volume
 
-__all__ = ["Geometry", "Volume"]
+_LAZY = {
+    "read_scan": "nodulenet.io.scan",
+    "write_volume": "nodulenet.io.scan",
+    "SUPPORTED_SCAN_SUFFIXES": "nodulenet.io.scan",
+    "read_image": "nodulenet.io.image_files",
+    "write_image": "nodulenet.io.image_files",
+    "read_dicom_series": "nodulenet.io.dicom",
+    "list_dicom_series": "nodulenet.io.dicom",
+    "DicomSeriesInfo": "nodulenet.io.dicom",
+}
+
+__all__ = ["Geometry", "Volume", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'nodulenet.io' has no attribute {name!r}")

@@ -8,11 +8,23 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+
+def default_file_mode() -> int:
+    """0o666 minus the process umask: what a plainly created file gets (mkstemp's temp files are 0o600)."""
+    try:  # Linux reports the umask without changing it (no race with other threads)
+        status = Path("/proc/self/status").read_text()
+        umask = int(re.search(r"^Umask:\s*([0-7]+)", status, re.M).group(1), 8)  # type: ignore[union-attr]
+    except (OSError, AttributeError, ValueError):
+        umask = os.umask(0)  # elsewhere: set it and put it back
+        os.umask(umask)
+    return 0o666 & ~umask
 
 
 @contextmanager
@@ -29,6 +41,8 @@ def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".part{suffix}", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    # The finished file must get the permissions a plain open() would give, not mkstemp's private 0o600.
+    os.chmod(tmp, default_file_mode())
     try:
         yield tmp
         os.replace(tmp, target)

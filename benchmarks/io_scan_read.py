@@ -1,0 +1,84 @@
+"""Time reading the real LIDC-IDRI series (DICOM) and writing/reading them in each image format.
+
+Run: ``.venv/bin/python benchmarks/io_scan_read.py [--quick]`` (``--quick``: LIDC-IDRI-0001 only, one
+repeat, no format round trips). Reads run with a warm page cache after the first (the first is reported
+separately); the machine's load average is recorded because the build machines are shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _record import machine_info, peak_rss_mib, record  # noqa: E402
+
+from nodulenet.io.dicom import read_dicom_series  # noqa: E402
+from nodulenet.io.image_files import read_image, write_image  # noqa: E402
+
+DATA = Path(os.environ.get("NODULENET_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+FORMATS = [("nii.gz", None), ("nii", None), ("nrrd", None), ("mhd", False), ("mhd", True), ("mha", None)]
+
+
+def _series(patient: str) -> Path:
+    found = [p.parent for p in (DATA / "LIDC-IDRI" / patient).glob("*/*/*.xml")]
+    if len(found) != 1:
+        raise SystemExit(f"{patient}: expected one series folder under {DATA / 'LIDC-IDRI'}, found {found}")
+    return found[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    repeats = 1 if args.quick else 5
+    patients = ["LIDC-IDRI-0001"] if args.quick else ["LIDC-IDRI-0001", "LIDC-IDRI-0002"]
+    figures: dict[str, object] = {"load_average_1min_before": os.getloadavg()[0], "repeats": repeats}
+    for patient in patients:
+        folder = _series(patient)
+        times, cpu_times = [], []
+        for _ in range(repeats + 1):
+            t0, c0 = time.perf_counter(), time.process_time()
+            volume = read_dicom_series(folder)
+            times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
+        key = patient.lower().replace("-", "_")
+        figures[f"{key}_shape_zyx"] = list(volume.shape_zyx)
+        figures[f"{key}_dicom_read_first_s"] = round(times[0], 3)
+        figures[f"{key}_dicom_read_median_s"] = round(statistics.median(times[1:]), 3)
+        # CPU seconds of this process: less sensitive than wall time to other jobs on a shared machine.
+        figures[f"{key}_dicom_read_median_cpu_s"] = round(statistics.median(cpu_times[1:]), 3)
+        print(f"{patient}: {volume.shape_zyx} DICOM read first {times[0]:.2f} s, "
+              f"median of {repeats} warm {statistics.median(times[1:]):.2f} s wall, "
+              f"{statistics.median(cpu_times[1:]):.2f} s CPU")
+        if args.quick or patient != "LIDC-IDRI-0001":
+            continue
+        with tempfile.TemporaryDirectory(dir=Path(__file__).resolve().parent) as tmp:
+            for suffix, compress in FORMATS:
+                label = f"{suffix}{'-zraw' if compress else ''}"
+                path = Path(tmp) / f"scan.{suffix}"
+                t0 = time.perf_counter()
+                write_image(volume, path, compress=compress)
+                t1 = time.perf_counter()
+                read_image(path)
+                t2 = time.perf_counter()
+                size = sum(p.stat().st_size for p in Path(tmp).iterdir() if p.name.startswith("scan."))
+                for p in Path(tmp).iterdir():
+                    p.unlink()
+                figures[f"{key}_{label}_write_s"] = round(t1 - t0, 3)
+                figures[f"{key}_{label}_read_s"] = round(t2 - t1, 3)
+                figures[f"{key}_{label}_mib"] = round(size / 2**20, 1)
+                print(f"  {label:9s} write {t1 - t0:5.2f} s  read {t2 - t1:5.2f} s  {size / 2**20:6.1f} MiB")
+    figures["peak_rss_mib"] = round(peak_rss_mib(), 1)
+    figures["load_average_1min_after"] = os.getloadavg()[0]
+    figures["cpu"] = machine_info()["cpu"]
+    record("io_scan_read" + ("_quick" if args.quick else ""), figures)
+
+
+if __name__ == "__main__":
+    main()
