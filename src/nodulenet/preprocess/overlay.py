@@ -82,10 +82,12 @@ def render_overlay(
     title: str = "",
     spacing_zyx: Sequence[float] = (1.0, 1.0, 1.0),
     head_at_last_slice: bool = True,
+    credit: str = "",
 ) -> Path:
     """Write a PNG: axial slices through the nodules (or through the lungs) and one coronal slice, with
     lung outline (cyan), kept-region outline (dashed yellow), nodule outlines (red) and excluded nodules
-    (dashed orange circles of their diameter; they have no mask). Atomic."""
+    (dashed orange circles of their diameter; they have no mask). ``credit`` is printed in the footer
+    beside the research-software notice (images of public data sets must credit their source). Atomic."""
     if not (image.shape == lung_labels.shape == nodule_labels.shape):
         raise ValueError("image, lung labels and nodule labels must share one (z, y, x) shape")
     lungs = (lung_labels == 1) | (lung_labels == 2)
@@ -128,7 +130,9 @@ def render_overlay(
         f"{title}   lung (cyan), kept region (dashed yellow), nodules (red), excluded nodules (dashed orange)".strip(),
         fontsize=10,
     )
-    fig.tight_layout()
+    footer = "NoduleNet - research software, not a medical device."
+    fig.text(0.5, 0.005, f"{footer}  {credit}".strip(), ha="center", va="bottom", fontsize=7, color="0.3")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
     target = Path(path)
     try:
         with atomic_path(target) as tmp:

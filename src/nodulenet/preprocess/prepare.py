@@ -101,6 +101,13 @@ class CaseSummary:
         return asdict(self)
 
 
+# LIDC-IDRI (and LUNA16, built from it) are CC BY 3.0: any image of their cases credits TCIA.
+DATASET_CREDITS = {
+    "LIDC-IDRI": "Image: LIDC-IDRI, The Cancer Imaging Archive (TCIA), CC BY 3.0.",
+    "LUNA16": "Image: LUNA16 / LIDC-IDRI, The Cancer Imaging Archive (TCIA), CC BY 3.0.",
+}
+
+
 def config_hash(config: PrepareConfig) -> str:
     return hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
@@ -251,6 +258,7 @@ def prepare_case(
             image, lung_labels, nodule_labels, nodule_entries, out / "overlay.png", excluded=excluded_entries,
             title=case_id, spacing_zyx=geometry.spacing_zyx,
             head_at_last_slice=geometry.direction_matrix[2, 2] >= 0,
+            credit=DATASET_CREDITS.get(str(source.get("dataset", "")), ""),
         )
     lap("write")
     seconds = round(time.perf_counter() - t0, 3)

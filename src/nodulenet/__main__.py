@@ -1,0 +1,5 @@
+"""``python -m nodulenet`` (and ``torchrun -m nodulenet``) runs the CLI."""
+
+from nodulenet.cli import main
+
+main()

@@ -1,0 +1,185 @@
+"""The ``nodulenet`` command: thin Typer wrappers over the stage APIs.
+
+Heavy imports (torch, SimpleITK, pydicom, matplotlib) happen inside the commands, so ``nodulenet --help``
+is instant. Errors caused by the user's input (:class:`nodulenet.errors.NoduleNetError`) are printed as
+one line naming the file and the problem, exit code 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(
+    name="nodulenet",
+    help="Find, confirm and outline lung nodules in chest CT. Research software, not a medical device.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+evaluate_app = typer.Typer(help="Evaluate detections (LUNA16 FROC/CPM) and segmentations (Dice/IoU).", no_args_is_help=True)
+app.add_typer(evaluate_app, name="evaluate")
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+@app.command()
+def version() -> None:
+    """Print the nodulenet version."""
+    from nodulenet import __version__
+
+    typer.echo(__version__)
+
+
+@app.command()
+def inspect(
+    scan: Path = typer.Argument(..., help="A DICOM series folder, .mhd, .nii/.nii.gz or .nrrd."),
+    series_uid: Optional[str] = typer.Option(None, help="Pick this SeriesInstanceUID when a folder holds several."),
+) -> None:
+    """Read a scan and print its geometry (shape, spacing, origin, direction) and HU range."""
+    import numpy as np
+
+    from nodulenet.io.scan import read_scan
+
+    vol = read_scan(scan, series_instance_uid=series_uid)
+    g = vol.geometry
+    typer.echo(f"source        {vol.meta.get('source_path', scan)}")
+    for key in ("modality", "patient_id", "series_instance_uid"):
+        if vol.meta.get(key):
+            typer.echo(f"{key:<13} {vol.meta[key]}")
+    typer.echo(f"shape_zyx     {g.shape_zyx}")
+    typer.echo(f"spacing_zyx   {tuple(round(s, 4) for s in g.spacing_zyx)} mm")
+    typer.echo(f"origin_xyz    {tuple(round(o, 3) for o in g.origin_xyz_mm)} mm (LPS)")
+    typer.echo(f"direction     {tuple(round(d, 4) for d in g.direction)}")
+    typer.echo(f"values        min {float(np.min(vol.array)):.0f}, max {float(np.max(vol.array)):.0f} ({vol.array.dtype})")
+
+
+def _parse_overrides(pairs: list[str]) -> dict:
+    """``--set lung.dilation_mm=5`` pairs -> {"lung.dilation_mm": 5}; values parsed as YAML scalars."""
+    import yaml
+
+    from nodulenet.errors import InputError
+
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise InputError(None, f"--set expects KEY=VALUE, got {pair!r}")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return overrides
+
+
+_SET_HELP = "Override one setting, e.g. --set min_readers=2 --set lung.dilation_mm=5 (repeatable)."
+
+
+def _finish_prepare(summary) -> None:
+    if summary.failed:
+        _console().print(
+            f"[bold red]{len(summary.failed)} case(s) failed[/]; see {Path(summary.out_root) / 'errors.json'}"
+        )
+        raise typer.Exit(1)
+
+
+@app.command("prepare-lidc")
+def prepare_lidc_cmd(
+    src: Path = typer.Argument(..., help="LIDC-IDRI download in TCIA layout (patient/study/series folders)."),
+    out: Path = typer.Argument(..., help="Folder for the prepared cases (one sub-folder per case)."),
+    config: Optional[Path] = typer.Option(None, help="YAML/JSON file of preparation settings."),
+    workers: int = typer.Option(1, help="Cases prepared in parallel (each needs ~1.5 GiB of memory)."),
+    min_readers: Optional[int] = typer.Option(None, help="Keep nodules marked by at least this many readers (1-4)."),
+    set_: list[str] = typer.Option([], "--set", help=_SET_HELP),
+    force: bool = typer.Option(False, help="Redo cases that are already done."),
+) -> None:
+    """Resample, segment lungs, normalise and crop every LIDC-IDRI case; nodules from the readers' XML."""
+    from nodulenet.preprocess.config import load_prepare_config
+    from nodulenet.preprocess.prepare import prepare_lidc
+
+    cfg = load_prepare_config(config, _parse_overrides(set_))
+    summary = prepare_lidc(src, out, cfg, workers=workers, min_readers=min_readers, force=force)
+    _finish_prepare(summary)
+
+
+@app.command("prepare-luna")
+def prepare_luna_cmd(
+    mhd_root: Path = typer.Argument(..., help="Folder holding LUNA16 .mhd/.raw files (searched recursively)."),
+    annotations: Path = typer.Argument(..., help="LUNA16 annotations.csv."),
+    out: Path = typer.Argument(..., help="Folder for the prepared cases."),
+    excluded_csv: Optional[Path] = typer.Option(None, help="annotations_excluded.csv, kept as excluded findings."),
+    config: Optional[Path] = typer.Option(None, help="YAML/JSON file of preparation settings."),
+    workers: int = typer.Option(1, help="Cases prepared in parallel."),
+    set_: list[str] = typer.Option([], "--set", help=_SET_HELP),
+    force: bool = typer.Option(False, help="Redo cases that are already done."),
+) -> None:
+    """Prepare LUNA16 scans; nodule masks are spheres of the annotated diameter."""
+    from nodulenet.preprocess.config import load_prepare_config
+    from nodulenet.preprocess.prepare import prepare_luna
+
+    cfg = load_prepare_config(config, _parse_overrides(set_))
+    summary = prepare_luna(mhd_root, annotations, out, cfg, workers=workers, excluded_csv=excluded_csv, force=force)
+    _finish_prepare(summary)
+
+
+@evaluate_app.command("froc")
+def evaluate_froc_cmd(
+    candidates: Path = typer.Argument(..., help="LUNA-style candidates CSV: seriesuid,coordX,coordY,coordZ,probability."),
+    annotations: Path = typer.Option(..., "--annotations", help="LUNA16 annotations.csv (world mm, LPS)."),
+    excluded: Path = typer.Option(..., "--excluded", help="LUNA16 annotations_excluded.csv."),
+    seriesuids: Path = typer.Option(..., "--seriesuids", help="LUNA16 seriesuids.csv: the scans evaluated."),
+    out: Path = typer.Option(..., "-o", "--out", help="Folder for froc.json and froc.png."),
+    bootstrap: int = typer.Option(1000, help="Bootstrap resamples of scans for confidence intervals (0: none)."),
+    seed: int = typer.Option(0, help="Seed of the bootstrap."),
+) -> None:
+    """FROC and CPM exactly as the official LUNA16 evaluation script counts them."""
+    from nodulenet.evaluate import CPM_FP_RATES, evaluate_froc, write_froc_outputs
+
+    result = evaluate_froc(candidates, annotations, excluded, seriesuids, n_bootstrap=bootstrap, seed=seed)
+    paths = write_froc_outputs(result, out)
+    ignored = result.n_ignored_unlisted_scan
+    if ignored:
+        _console().print(
+            f"[yellow]warning:[/] {ignored} candidates belong to scans not listed in {seriesuids} and were ignored"
+        )
+    for rate in CPM_FP_RATES:
+        typer.echo(f"sensitivity at {rate:>5g} FP/scan: {result.sensitivities_at[rate]:.4f}")
+    typer.echo(f"CPM {result.cpm:.4f} over {result.n_scans} scans, {result.n_nodules} nodules")
+    typer.echo(f"wrote {paths['json']} and {paths['png']}")
+
+
+@evaluate_app.command("seg")
+def evaluate_seg_cmd(
+    pred_dir: Path = typer.Argument(..., help="Predicted instance label maps, one file per case."),
+    gt_dir: Path = typer.Argument(..., help="Reference instance label maps with the same file names."),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Folder for seg_metrics.json and the per-nodule CSV."),
+) -> None:
+    """Dice and IoU per nodule (missed nodules counted as 0, and excluded), as in the NoduleNet paper."""
+    from rich.console import Console
+
+    from nodulenet.evaluate import evaluate_segmentation, seg_table, write_seg_outputs
+
+    result = evaluate_segmentation(pred_dir, gt_dir)
+    Console().print(seg_table(result))
+    if out is not None:
+        paths = write_seg_outputs(result, out)
+        typer.echo(f"wrote {paths['json']} and {paths['csv']}")
+
+
+def main() -> None:
+    """Entry point of the ``nodulenet`` script."""
+    from nodulenet.errors import NoduleNetError
+
+    try:
+        app()
+    except NoduleNetError as err:
+        _console().print(f"[bold red]error:[/] {err}", highlight=False)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
