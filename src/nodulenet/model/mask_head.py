@@ -1,0 +1,213 @@
+"""Mask head: per detection, a small U-Net decoder over the detection's crop of comb2, out1 and the image.
+
+Boxes are ``(z0, y0, x0, z1, y1, x1)`` in (padded) input voxels, end exclusive. Each detection box is turned into
+an integer CROP BOX extended outwards to multiples of 4 (the published ``ext2factor(4)``) and clipped to the image,
+so its stride-4 and stride-2 crops are whole feature voxels and two 2x up-samplings land exactly on the image crop.
+
+Outputs stay CROP-LOCAL: one logit volume per detection with the shape of its crop box, plus the crop boxes.
+The published code pastes every detection's logits into a full-size volume, which at ~170 detections on a whole
+scan is 170 x 208x320x320 floats (14 GB) - it runs out of memory; a crop is a few thousand voxels.
+
+Also here: :func:`mask_nms`, the published mask-IoU suppression of final detections, computed on the crops (two
+masks can only overlap inside the intersection of their crop boxes).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .box_ops import box_iou_3d
+
+
+def mask_crop_boxes(boxes: Tensor, image_shape_zyx: tuple[int, int, int], multiple: int = 4) -> Tensor:
+    """Integer ``[N, 6]`` crop boxes: ``boxes`` extended outwards to multiples of ``multiple``, clipped to the image.
+
+    Image sizes are multiples of 16 inside the network, so the clipped boxes stay multiples of ``multiple``.
+    A box that clips to nothing (fully outside) becomes the ``multiple``-cube at the nearest image corner.
+    """
+    sizes = torch.tensor(image_shape_zyx, device=boxes.device, dtype=torch.long)
+    start = torch.div(torch.floor(boxes[:, :3].float()).long(), multiple, rounding_mode="floor") * multiple
+    end = -torch.div(-torch.ceil(boxes[:, 3:].float()).long(), multiple, rounding_mode="floor") * multiple
+    start = torch.minimum(torch.clamp(start, min=0), sizes - multiple)
+    end = torch.maximum(torch.minimum(end, sizes), start + multiple)
+    return torch.cat((start, end), dim=1)
+
+
+def _instance_norm(channels: int) -> nn.GroupNorm:
+    """Instance norm (affine, no running stats) as GroupNorm with one channel per group - the same function and
+    the same ``weight``/``bias`` parameters as the published ``nn.InstanceNorm3d(affine=True)``, but PyTorch's CPU
+    ``instance_norm`` (a batch norm over a reshaped tensor) is ~100x slower on the small crops the mask head sees.
+    """
+    return nn.GroupNorm(channels, channels, eps=1e-5, affine=True)
+
+
+def _up_block(in_channels: int, out_channels: int) -> nn.Sequential:
+    # Index 1 / 2 (conv / norm) match the published up2/up3 Sequential layout; index 0 is the parameter-free upsample.
+    return nn.Sequential(
+        nn.Upsample(scale_factor=2, mode="trilinear", align_corners=False),
+        nn.Conv3d(in_channels, out_channels, kernel_size=3, padding=1),
+        _instance_norm(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+def _fuse_block(in_channels: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv3d(in_channels, out_channels, kernel_size=3, padding=1),
+        _instance_norm(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+class MaskHead(nn.Module):
+    """``up2`` (comb2 crop x2) -> ``back2`` (+ out1 crop) -> ``up3`` (x2) -> ``back3`` (+ image crop) -> ``logits1``.
+
+    The published module also defines ``up1``, ``back1`` and ``logits2``, which its forward never uses (442,817
+    parameters); they are not built here and the checkpoint importer drops them.
+    """
+
+    def __init__(self, comb2_channels: int, out1_channels: int, image_channels: int = 1, channels: int = 64) -> None:
+        super().__init__()
+        self.up2 = _up_block(comb2_channels, channels)
+        self.back2 = _fuse_block(channels + out1_channels, channels)
+        self.up3 = _up_block(channels, channels)
+        self.back3 = _fuse_block(channels + image_channels, channels)
+        self.logits1 = nn.Conv3d(channels, 1, kernel_size=1)
+
+    def forward(
+        self, image: Tensor, out1: Tensor, comb2: Tensor, crop_boxes: Tensor, batch_index: Tensor
+    ) -> list[Tensor]:
+        """Mask logits ``[d, h, w]`` for each crop box (stride-4-aligned, from :func:`mask_crop_boxes`).
+
+        Crops of equal size run as one batch (exact: every layer here acts per sample - instance norm included),
+        which on a whole scan with hundreds of detections turns hundreds of tiny kernel calls into a handful.
+        """
+        boxes = crop_boxes.tolist()
+        bidx = batch_index.tolist()
+        groups: dict[tuple[int, int, int], list[int]] = {}
+        for i, (z0, y0, x0, z1, y1, x1) in enumerate(boxes):
+            groups.setdefault((z1 - z0, y1 - y0, x1 - x0), []).append(i)
+        logits: list[Tensor | None] = [None] * len(boxes)
+        for size, members in groups.items():
+            # Bound the activation memory of one batch (~64 channels x this many voxels per tensor).
+            per_chunk = max(1, _MAX_BATCH_VOXELS // (size[0] * size[1] * size[2]))
+            for start in range(0, len(members), per_chunk):
+                chunk = members[start : start + per_chunk]
+                f4 = torch.cat([_crop(comb2, bidx[i], boxes[i], 4) for i in chunk])
+                f2 = torch.cat([_crop(out1, bidx[i], boxes[i], 2) for i in chunk])
+                im = torch.cat([_crop(image, bidx[i], boxes[i], 1) for i in chunk])
+                out = self._decode(f4, f2, im)
+                for j, i in enumerate(chunk):
+                    logits[i] = out[j, 0]
+        return [t for t in logits if t is not None]
+
+    def _decode(self, f4: Tensor, f2: Tensor, im: Tensor) -> Tensor:
+        x = self.up2(f4)
+        # .to(x.dtype): under autocast the norm layers return fp32 while the cropped features are bf16.
+        x = self.back2(torch.cat((x, f2.to(x.dtype)), dim=1))
+        x = self.up3(x)
+        x = self.back3(torch.cat((x, im.to(x.dtype)), dim=1))
+        return self.logits1(x)
+
+
+_MAX_BATCH_VOXELS = 1 << 20
+
+
+def _crop(volume: Tensor, b: int, box: list[int], stride: int) -> Tensor:
+    z0, y0, x0, z1, y1, x1 = (v // stride for v in box)
+    return volume[b : b + 1, :, z0:z1, y0:y1, x0:x1]
+
+
+def mask_nms(mask_probs: list[Tensor], crop_boxes: Tensor, iou_threshold: float, threshold: float = 0.5) -> Tensor:
+    """Indices (in input order, which must be by decreasing score) of masks kept by greedy mask-IoU suppression.
+
+    A later mask is dropped when its binary mask (``prob > threshold``) overlaps an earlier KEPT mask with IoU above
+    ``iou_threshold``. (The published loop compares against every earlier visited mask, kept or not; comparing
+    against kept ones is the usual NMS definition and differs only in chains of overlaps.) Only pairs whose crop
+    boxes intersect can overlap, so those are found first with one box-IoU matrix.
+    """
+    n = len(mask_probs)
+    if n == 0:
+        return torch.zeros(0, dtype=torch.long)
+    binary = [(p > threshold) for p in mask_probs]
+    areas = [int(m.sum()) for m in binary]
+    boxes = crop_boxes.tolist()
+    touching = box_iou_3d(crop_boxes.float(), crop_boxes.float()) > 0
+    # Earlier boxes each box touches; the greedy loop then only visits those (Python loops stay ~linear).
+    earlier = [[j for j in torch.nonzero(touching[i, :i]).flatten().tolist()] for i in range(n)]
+    keep: list[int] = []
+    kept: set[int] = set()
+    for i in range(n):
+        suppressed = False
+        for j in earlier[i]:
+            if j not in kept:
+                continue
+            inter = _mask_intersection(binary[i], boxes[i], binary[j], boxes[j])
+            union = areas[i] + areas[j] - inter
+            if union > 0 and inter / union > iou_threshold:
+                suppressed = True
+                break
+        if not suppressed:
+            keep.append(i)
+            kept.add(i)
+    return torch.tensor(keep, dtype=torch.long)
+
+
+def _mask_intersection(m1: Tensor, b1: list[int], m2: Tensor, b2: list[int]) -> int:
+    lo = [max(b1[k], b2[k]) for k in range(3)]
+    hi = [min(b1[k + 3], b2[k + 3]) for k in range(3)]
+    if any(h <= l for l, h in zip(lo, hi)):
+        return 0
+    s1 = m1[lo[0] - b1[0] : hi[0] - b1[0], lo[1] - b1[1] : hi[1] - b1[1], lo[2] - b1[2] : hi[2] - b1[2]]
+    s2 = m2[lo[0] - b2[0] : hi[0] - b2[0], lo[1] - b2[1] : hi[1] - b2[1], lo[2] - b2[2] : hi[2] - b2[2]]
+    return int((s1 & s2).sum())
+
+
+def paste_masks_to_crop(
+    instance_masks: list[Tensor], instance_origins: Tensor, crop_box: list[int], indices: list[int]
+) -> Tensor:
+    """Union of the instance masks ``indices`` (each placed at its origin) inside ``crop_box``, as a float volume.
+
+    Used for mask targets: a ground-truth nodule is stored as a tight crop + its zyx origin (memory-light), and a
+    detection's target is that nodule's voxels that fall inside the detection's crop box.
+    """
+    z0, y0, x0, z1, y1, x1 = crop_box
+    out = torch.zeros((z1 - z0, y1 - y0, x1 - x0), dtype=torch.float32, device=instance_origins.device)
+    for k in indices:
+        m = instance_masks[k]
+        oz, oy, ox = (int(v) for v in instance_origins[k].tolist())
+        lo = (max(z0, oz), max(y0, oy), max(x0, ox))
+        hi = (min(z1, oz + m.shape[0]), min(y1, oy + m.shape[1]), min(x1, ox + m.shape[2]))
+        if any(h <= l for l, h in zip(lo, hi)):
+            continue
+        src = m[lo[0] - oz : hi[0] - oz, lo[1] - oy : hi[1] - oy, lo[2] - ox : hi[2] - ox].to(out.device)
+        dst = out[lo[0] - z0 : hi[0] - z0, lo[1] - y0 : hi[1] - y0, lo[2] - x0 : hi[2] - x0]
+        torch.maximum(dst, (src > 0).float(), out=dst)
+    return out
+
+
+def mask_training_targets(
+    boxes: Tensor,
+    crop_boxes: Tensor,
+    gt_boxes: Tensor,
+    gt_masks: list[Tensor],
+    gt_mask_origins: Tensor,
+    match_iou: float,
+) -> tuple[Tensor, list[Tensor]]:
+    """For each training box, the binary mask target inside its crop box, from the nodule it overlaps best.
+
+    ``boxes [N, 6]`` (detections and/or ground-truth boxes, zyxzyx) decide the match (box IoU >= ``match_iou``);
+    ``crop_boxes [N, 6]`` are their integer mask crops. Returns the indices of matched boxes and their targets
+    (float 0/1, crop-shaped). Unmatched boxes get no target: the mask loss would skip their empty targets
+    anyway (published), so the caller need not run the mask head on them.
+    """
+    if boxes.shape[0] == 0 or gt_boxes.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.long, device=boxes.device), []
+    iou = box_iou_3d(boxes, gt_boxes.to(boxes.device))
+    best_iou, best_gt = iou.max(dim=1)
+    matched = torch.nonzero(best_iou >= match_iou).squeeze(1)
+    crops = crop_boxes.tolist()
+    targets = [paste_masks_to_crop(gt_masks, gt_mask_origins, crops[i], [int(best_gt[i])]) for i in matched.tolist()]
+    return matched, targets
