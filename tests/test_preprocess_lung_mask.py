@@ -170,3 +170,14 @@ def test_real_lidc_0002_lungs(lidc_0002_series: Path) -> None:
 def test_real_lidc_0001_lungs(lidc_0001_series: Path) -> None:
     # Also covered in the default suite through the prepared case (tests/test_prepare_lidc.py).
     _check_real(lidc_0001_series, n_nodules=1)
+
+
+def test_empty_lung_mask_has_a_clear_error():
+    import numpy as np
+    import pytest
+
+    from nodulenet.preprocess.lung_mask import LungSegmentationError, lung_bounding_box
+
+    with pytest.raises(LungSegmentationError, match="empty"):
+        lung_bounding_box(np.zeros((4, 5, 6), dtype=bool))
+    assert lung_bounding_box(np.pad(np.ones((1, 2, 3), bool), 2), margin=1) == (1, 1, 1, 4, 5, 6)

@@ -197,6 +197,19 @@ def evaluate_seg_cmd(
         typer.echo(f"wrote {paths['json']} and {paths['csv']}")
 
 
+def _register_stage_commands() -> None:
+    """Commands whose Typer signatures live beside their stage (importing them pulls in only typer)."""
+    from nodulenet.train.cli import make_splits_cmd, prepare_lidc_synthetic_cmd, prepare_phantoms_cmd, train_cmd
+
+    app.command("train")(train_cmd)
+    app.command("make-splits")(make_splits_cmd)
+    app.command("prepare-phantoms")(prepare_phantoms_cmd)
+    app.command("prepare-lidc-synthetic")(prepare_lidc_synthetic_cmd)
+
+
+_register_stage_commands()
+
+
 def main() -> None:
     """Entry point of the ``nodulenet`` script."""
     from nodulenet.errors import NoduleNetError

@@ -162,7 +162,9 @@ def segment_lungs(ct: Volume, config: LungMaskConfig | None = None) -> LungMaskR
 
 def lung_bounding_box(mask: np.ndarray, margin: int = 0) -> tuple[int, int, int, int, int, int]:
     """``(z0, y0, x0, z1, y1, x1)`` box of a non-empty mask plus ``margin`` voxels, clipped to the array
-    (upper bounds exclusive)."""
+    (upper bounds exclusive). An empty mask is a :class:`LungSegmentationError`, not an IndexError."""
+    if not mask.any():
+        raise LungSegmentationError("the lung mask is empty: no lung to crop to")
     box = _bbox_slices(mask, margin)
     return (box[0].start, box[1].start, box[2].start, box[0].stop, box[1].stop, box[2].stop)
 

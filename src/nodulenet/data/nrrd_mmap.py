@@ -1,0 +1,108 @@
+"""Memory-map the voxels of an uncompressed (``encoding: raw``) NRRD file, as prepared cases store ``image.nrrd``.
+
+Why not SimpleITK: ``sitk.ReadImage`` reads the whole volume into memory (a 300^3 uint8 case is 27 MB, and a data
+loader worker touches hundreds of cases), while a training crop needs only a 128^3 block of it. Memory-mapping lets
+the operating system's page cache hold each case once for every worker process, and a crop reads only the pages it
+covers. The NRRD header is plain text ending at the first empty line; the raw voxels follow it, x fastest, so the
+array is ``(z, y, x)`` with the header's ``sizes`` reversed.
+
+Only what ``prepare_case`` writes is supported (3-D, attached data, raw encoding, little-endian or 1-byte types);
+anything else raises :class:`~nodulenet.errors.InputError` naming the file, so a bad case is reported and skipped.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from nodulenet.errors import InputError
+
+_HEADER_LIMIT = 64 * 1024  # a header longer than this is not one prepare_case wrote
+
+_NRRD_DTYPES: dict[str, str] = {
+    **dict.fromkeys(["uchar", "unsigned char", "uint8", "uint8_t"], "u1"),
+    **dict.fromkeys(["signed char", "int8", "int8_t"], "i1"),
+    **dict.fromkeys(["short", "short int", "signed short", "signed short int", "int16", "int16_t"], "i2"),
+    **dict.fromkeys(["ushort", "unsigned short", "unsigned short int", "uint16", "uint16_t"], "u2"),
+    **dict.fromkeys(["int", "signed int", "int32", "int32_t"], "i4"),
+    **dict.fromkeys(["uint", "unsigned int", "uint32", "uint32_t"], "u4"),
+    "float": "f4",
+    "double": "f8",
+}
+
+
+@dataclass(frozen=True)
+class RawNrrdLayout:
+    """Where the voxels of a raw NRRD file are: byte offset, dtype and array shape ``(z, y, x)``."""
+
+    path: Path
+    offset: int
+    dtype: str
+    shape_zyx: tuple[int, int, int]
+
+    @property
+    def n_bytes(self) -> int:
+        return int(np.prod(self.shape_zyx)) * np.dtype(self.dtype).itemsize
+
+
+def read_raw_nrrd_layout(path: str | Path) -> RawNrrdLayout:
+    """Parse the header of ``path`` and check that the file holds all the voxels it announces."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_HEADER_LIMIT)
+        size = path.stat().st_size
+    except OSError as exc:
+        raise InputError(path, f"cannot read ({exc.strerror or exc})") from None
+    if not head.startswith(b"NRRD"):
+        raise InputError(path, "not a NRRD file (no NRRD magic at the start)")
+    end = re.search(rb"\r?\n\r?\n", head)
+    if end is None:
+        raise InputError(path, "NRRD header does not end (no empty line in the first 64 KiB): file truncated?")
+    fields: dict[str, str] = {}
+    for line in head[: end.start()].decode("latin-1").splitlines()[1:]:
+        if not line or line.startswith("#") or ":=" in line:
+            continue  # comments and key/value pairs (NRRD "key:=value") carry no layout
+        key, sep, value = line.partition(":")
+        if sep:
+            fields[key.strip().lower()] = value.strip()
+    if "data file" in fields or "datafile" in fields:
+        raise InputError(path, "detached NRRD data files are not supported here (prepare_case attaches the data)")
+    encoding = fields.get("encoding", "").lower()
+    if encoding != "raw":
+        raise InputError(path, f"NRRD encoding is {encoding or 'missing'!r}, expected 'raw' (uncompressed, "
+                               "memory-mappable); re-run the preparation")
+    try:
+        sizes = [int(v) for v in fields["sizes"].split()]
+        dimension = int(fields.get("dimension", len(sizes)))
+        type_name = fields["type"].lower()
+    except (KeyError, ValueError) as exc:
+        raise InputError(path, f"NRRD header lacks a valid {exc} field") from None
+    if dimension != 3 or len(sizes) != 3 or min(sizes) < 1:
+        raise InputError(path, f"expected a 3-D image, header says dimension {dimension}, sizes {sizes}")
+    if type_name not in _NRRD_DTYPES:
+        raise InputError(path, f"unsupported NRRD voxel type {type_name!r}")
+    code = _NRRD_DTYPES[type_name]
+    if np.dtype(code).itemsize > 1:
+        endian = fields.get("endian", "little").lower()
+        code = ("<" if endian == "little" else ">") + code
+    byte_skip = int(fields.get("byte skip", fields.get("byteskip", "0")) or 0)
+    if byte_skip < 0:
+        raise InputError(path, "'byte skip: -1' (data at the end of the file) is not supported")
+    layout = RawNrrdLayout(path, end.end() + byte_skip, code, (sizes[2], sizes[1], sizes[0]))
+    if size - layout.offset < layout.n_bytes:
+        raise InputError(path, f"truncated: holds {max(size - layout.offset, 0)} bytes of voxels, header announces "
+                               f"{layout.n_bytes} ({'x'.join(map(str, layout.shape_zyx))} {type_name})")
+    return layout
+
+
+def memmap_raw_nrrd(layout: RawNrrdLayout) -> np.memmap:
+    """Read-only ``(z, y, x)`` memory map of the voxels described by ``layout``."""
+    try:
+        return np.memmap(layout.path, dtype=np.dtype(layout.dtype), mode="r", offset=layout.offset,
+                         shape=layout.shape_zyx, order="C")
+    except (OSError, ValueError) as exc:
+        raise InputError(layout.path, f"cannot memory-map the voxels: {exc}") from None
