@@ -8,49 +8,16 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import resource
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from nodulenet.machine import machine_info
+
+__all__ = ["machine_info", "peak_rss_mib", "record"]
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-
-
-def machine_info() -> dict[str, Any]:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem_gib = None
-    try:
-        mem_kib = int(Path("/proc/meminfo").read_text().split()[1])
-        mem_gib = round(mem_kib / 2**20, 1)
-    except (OSError, ValueError, IndexError):
-        pass
-    info: dict[str, Any] = {
-        "hostname": platform.node(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "memory_gib": mem_gib,
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-    }
-    try:
-        import torch
-
-        info["torch"] = torch.__version__
-        info["torch_threads"] = torch.get_num_threads()
-        if torch.cuda.is_available():
-            info["gpu"] = torch.cuda.get_device_name(0)
-    except ImportError:
-        pass
-    return info
 
 
 def peak_rss_mib() -> float:

@@ -20,7 +20,6 @@ prepared case stores in ``config.json``.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from typing import Any
 import yaml
 
 from nodulenet.errors import InputError
+from nodulenet.io.config_files import read_config_file
 
 CONSENSUS_METHODS = ("union", "majority")
 LUNA_MASK_METHODS = ("sphere",)
@@ -161,19 +161,8 @@ def load_prepare_config(path: str | Path | None = None, overrides: dict[str, Any
     """Defaults, then the YAML/JSON file at ``path`` (if given), then dotted ``overrides``."""
     config = PrepareConfig()
     if path is not None:
-        p = Path(path)
-        try:
-            text = p.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise InputError(p, f"cannot read the config file ({exc.strerror or exc})") from exc
-        try:
-            data = json.loads(text) if p.suffix.lower() == ".json" else yaml.safe_load(text)
-        except (json.JSONDecodeError, yaml.YAMLError) as exc:
-            raise InputError(p, f"not valid {'JSON' if p.suffix.lower() == '.json' else 'YAML'}: {exc}") from exc
         # A config.json written by a prepared case nests the settings under "prepare".
-        if isinstance(data, dict) and "prepare" in data and isinstance(data["prepare"], dict):
-            data = data["prepare"]
-        config = PrepareConfig.from_dict(data or {}, source=p)
+        config = PrepareConfig.from_dict(read_config_file(path, section="prepare"), source=Path(path))
     if overrides:
         config = config.with_overrides(overrides)
     return config

@@ -23,6 +23,7 @@ import yaml
 
 from nodulenet.data.config import AugmentConfig, CropConfig
 from nodulenet.errors import InputError
+from nodulenet.io.config_files import read_config_file
 from nodulenet.model.config import NoduleNetConfig, published_config, tiny_config
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -205,18 +206,7 @@ def load_train_config(path: str | Path | None = None, overrides: dict[str, Any] 
     dotted overrides."""
     config = TrainConfig()
     if path is not None:
-        p = Path(path)
-        try:
-            text = p.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise InputError(p, f"cannot read the config file ({exc.strerror or exc})") from None
-        try:
-            data = json.loads(text) if p.suffix.lower() == ".json" else yaml.safe_load(text)
-        except (json.JSONDecodeError, yaml.YAMLError) as exc:
-            raise InputError(p, f"not valid {'JSON' if p.suffix.lower() == '.json' else 'YAML'}: {exc}") from None
-        if isinstance(data, dict) and isinstance(data.get("train"), dict) and "format" in data:
-            data = data["train"]
-        config = TrainConfig.from_dict(data or {}, source=p)
+        config = TrainConfig.from_dict(read_config_file(path, section="train"), source=Path(path))
     if overrides:
         config = config.with_overrides(overrides)
     return config

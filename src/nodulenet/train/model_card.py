@@ -7,35 +7,14 @@ which hardware, the validation FROC, the file's size, and that such a model is n
 from __future__ import annotations
 
 import json
-import platform
 from pathlib import Path
 from typing import Any
 
 from nodulenet.io.atomic import write_text_atomic
+from nodulenet.machine import machine_info
 
 DISCLAIMER = ("Research software. This model was not trained on patient-level clinical data; not for diagnosis. "
               "It is not a medical device and must not be used to make clinical decisions.")
-
-
-def hardware_description() -> dict[str, Any]:
-    import os
-
-    import torch
-
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info: dict[str, Any] = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch": torch.__version__,
-                            "platform": platform.platform()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-        info["gpu_count"] = torch.cuda.device_count()
-    return info
 
 
 def _cpm_table(history: list[dict[str, Any]]) -> list[str]:
@@ -82,7 +61,7 @@ def write_model_card(run_dir: str | Path, title: str | None = None, notes: str =
         f"optimizer {train_cfg['optimizer']} lr {resolved['base_lr']}; heads from epochs "
         f"{resolved['stage_start_epochs']}; AMP {resolved['amp_dtype']}.",
         f"- Time: {hours:.2f} h of training ({summary['samples_per_second']:.2f} crops/s) on "
-        f"{json.dumps(hardware_description())}, {resolved['world_size']} process(es).",
+        f"{json.dumps(machine_info())}, {resolved['world_size']} process(es).",
         "- Full settings: `config.json`; log: `train.log`; TensorBoard: `tensorboard/`.",
         "",
         "## Validation (LUNA16 FROC rules, whole cases, no bootstrap)",

@@ -1,0 +1,37 @@
+"""Read a settings file (YAML or JSON) into a dict, for every stage's ``load_*_config``.
+
+A stage's own output ``config.json`` nests its settings under one key (``prepare``, ``train``), so a user
+can hand the file of an earlier run back in; ``section`` names that key.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nodulenet.errors import InputError
+
+
+def read_config_file(path: str | Path, section: str | None = None) -> dict[str, Any]:
+    """The mapping in ``path`` (``.json`` as JSON, anything else as YAML); ``data[section]`` when the file is a
+    run's ``config.json`` holding that section. Errors name the file."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InputError(p, f"cannot read the config file ({exc.strerror or exc})") from None
+    is_json = p.suffix.lower() == ".json"
+    try:
+        data = json.loads(text) if is_json else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise InputError(p, f"not valid {'JSON' if is_json else 'YAML'}: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise InputError(p, f"expected a mapping of settings, found a {type(data).__name__}")
+    if section is not None and isinstance(data.get(section), dict):
+        return data[section]
+    return data
