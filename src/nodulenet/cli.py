@@ -199,7 +199,11 @@ def evaluate_seg_cmd(
 
 def _register_stage_commands() -> None:
     """Commands whose Typer signatures live beside their stage (importing them pulls in only typer)."""
+    from nodulenet.infer.cli import demo_cmd, predict_cmd
     from nodulenet.train.cli import make_splits_cmd, prepare_lidc_synthetic_cmd, prepare_phantoms_cmd, train_cmd
+
+    app.command("predict")(predict_cmd)
+    app.command("demo")(demo_cmd)
 
     app.command("train")(train_cmd)
     app.command("make-splits")(make_splits_cmd)

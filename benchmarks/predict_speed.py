@@ -1,0 +1,253 @@
+"""``nodulenet predict`` on the real scan LIDC-IDRI-0001, end to end (DICOM in, every output written).
+
+Each variant runs in a fresh (spawned) process so its peak resident memory is its own, and reports the stage
+breakdown: read (DICOM), preprocess (resample, lung mask, normalise, crop), network (backbone, RPN, RCNN, mask
+head on the findings), post-process (mapping back to the original grid + measurements), export (nodules.json,
+candidates.csv, label map, DICOM SEG + SR, report.html).
+
+Variants:
+
+- ``published``: the default (published-size, 17 M parameter) network, RANDOM-INIT weights: TIMING ONLY.
+  A random network scores about half of its boxes above 0.5, so the default threshold would run the mask head on
+  hundreds of meaningless detections; instead a first, untimed detection pass finds the score of the 10th best
+  detection and the timed run uses it as ``--threshold``: 10 findings with masks, a realistic load.
+- ``published_contiguous``: the same in the default contiguous memory format (``predict`` uses
+  ``channels_last_3d`` on CPU).
+- ``demo``: the demo-size (quarter-width) network: the shipped/trained demo weights when found (``--demo-weights``,
+  else ``src/nodulenet/weights/demo.pt``) at the default threshold 0.5; random-init with the 10-findings rule
+  otherwise (timing only; the record says which).
+
+bf16 speed is not measured here: the build machines' CPUs have no native bf16 (AVX2 only); PyTorch's emulated
+bf16 convolutions run 10-100x slower than fp32 there, so ``nodulenet predict`` refuses bf16 on such a CPU.
+``--bf16-check`` instead compares the DETECTIONS of fp32 and (emulated) bf16 autocast on a crop around the nodule
+(``benchmarks/results/predict_bf16_check.json``).
+
+    .venv/bin/python benchmarks/predict_speed.py [--quick] [--data PATH] [--demo-weights PATH]
+    .venv/bin/python benchmarks/predict_speed.py --bf16-check --demo-weights PATH [--crop 96]
+
+``--quick`` runs the demo-size variant only. Wall-clock figures depend on what else runs on the machine: the load
+average at the start and end of each variant is recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import multiprocessing
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _record import machine_info, record  # noqa: E402
+
+PATIENT = "LIDC-IDRI-0001"
+FINDINGS_FOR_RANDOM_WEIGHTS = 10
+SHIPPED_DEMO = Path(__file__).resolve().parents[1] / "src" / "nodulenet" / "weights" / "demo.pt"
+
+
+def _random_checkpoint(config_name: str, path: Path) -> Path:
+    import torch
+
+    from nodulenet.model import NoduleNet, published_config, tiny_config, to_checkpoint_dict
+
+    config = published_config() if config_name == "published" else tiny_config()
+    torch.manual_seed(0)
+    torch.save(to_checkpoint_dict(NoduleNet(config), config, extra={"note": "random init, timing only"}), path)
+    return path
+
+
+def _threshold_for_top_k(predictor: Any, series: Path, k: int) -> float:
+    """Score of the k-th best detection (untimed detection-only pass), so the timed run masks k findings."""
+    from nodulenet.infer.network import run_network
+    from nodulenet.infer.prepare_input import prepare_input
+    from nodulenet.io.scan import read_scan
+
+    prepared = prepare_input(read_scan(series), predictor.loaded.prepare_config)
+    out = run_network(predictor.loaded.model, prepared.image, mask_threshold=None,
+                      channels_last=predictor.channels_last)
+    scores = sorted(out.scores.tolist(), reverse=True)
+    return float(scores[min(k, len(scores)) - 1]) if scores else 1.0
+
+
+def _variant(name: str, series: str, out_root: str, demo_weights: str | None, queue: Any) -> None:
+    """Child process: one timed ``predict`` of the scan; puts its figures on ``queue``."""
+    import torch
+
+    from nodulenet.infer.cohort import Shard
+    from nodulenet.predict_api import PredictOptions, Predictor, predict_scans
+
+    work = Path(out_root) / name
+    work.mkdir(parents=True)
+    channels_last = not name.endswith("contiguous")
+    if name.startswith("published"):
+        weights, weights_note = _random_checkpoint("published", work / "random.pt"), "random init (timing only)"
+    elif demo_weights:
+        weights, weights_note = Path(demo_weights), f"trained demo weights {demo_weights}"
+    else:
+        weights, weights_note = _random_checkpoint("tiny", work / "random.pt"), "random init (timing only)"
+    random_init = weights_note.startswith("random")
+    options = PredictOptions(weights=weights, channels_last=channels_last)
+    threshold_note = "default threshold 0.5"
+    if random_init:
+        predictor = Predictor(options)
+        t = _threshold_for_top_k(predictor, Path(series), FINDINGS_FOR_RANDOM_WEIGHTS)
+        options = dataclasses.replace(options, threshold=t)
+        threshold_note = (f"threshold {t:.6f} = score of the {FINDINGS_FOR_RANDOM_WEIGHTS}th detection "
+                          "(untimed pre-pass)")
+    predictor = Predictor(options)
+    load_start = list(os.getloadavg())
+    t0, c0 = time.perf_counter(), time.process_time()
+    run = predict_scans([series], work / "out", shard=Shard(0, 1, 0), predictor=predictor)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    (result,) = run.results
+    queue.put({
+        "status": result.status,
+        "error": result.error,
+        "weights": weights_note,
+        "threshold": threshold_note,
+        "network": predictor.loaded.net_config.name,
+        "parameters": sum(p.numel() for p in predictor.loaded.model.parameters()),
+        "channels_last": channels_last,
+        "precision": predictor.precision,
+        "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "wall_s": round(wall, 2),
+        "cpu_s": round(cpu, 2),
+        "stage_seconds": result.stage_seconds,
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1),
+        "peak_rss_note": "whole process, including the untimed pre-pass" if random_init else "whole process",
+        "n_findings": result.n_findings,
+        "details": {k: v for k, v in result.details.items() if k not in ("files",)},
+        "outputs": sorted(Path(p).name for p in result.details.get("files", {}).values()),
+        "load_average_start": load_start,
+        "load_average_end": list(os.getloadavg()),
+    })
+
+
+# LUNA16 annotations.csv: the one nodule of LIDC-IDRI-0001 (world LPS mm, x y z), 23.4 mm.
+NODULE_0001_WORLD_XYZ = (56.21, 86.34, -115.87)
+
+
+def _dice_on_crops(a: Any, box_a: tuple[int, ...], b: Any, box_b: tuple[int, ...]) -> float:
+    """Dice of two crop-local probability masks (> 0.5) placed at their crop boxes."""
+    import numpy as np
+
+    lo = [min(box_a[k], box_b[k]) for k in range(3)]
+    hi = [max(box_a[k + 3], box_b[k + 3]) for k in range(3)]
+    canvas = [np.zeros([h - l for l, h in zip(lo, hi)], dtype=bool) for _ in range(2)]
+    for c, m, box in zip(canvas, (a, b), (box_a, box_b)):
+        c[tuple(slice(box[k] - lo[k], box[k + 3] - lo[k]) for k in range(3))] = m > 0.5
+    total = canvas[0].sum() + canvas[1].sum()
+    return float(2.0 * (canvas[0] & canvas[1]).sum() / total) if total else 1.0
+
+
+def bf16_check(series: Path, weights: Path, crop: int) -> dict[str, Any]:
+    """fp32 vs bf16 autocast detections on a crop around LIDC-IDRI-0001's nodule (bf16 EMULATED on this CPU).
+
+    Emulated bf16 rounds exactly like native bf16 (same bf16 storage, fp32 accumulation in oneDNN's reference
+    kernels), so the detections it gives are what a bf16 machine would give, only slower; hence a crop.
+    """
+    import numpy as np
+    import torch
+
+    from nodulenet.infer.network import _predict_tile, _to_input
+    from nodulenet.infer.prepare_input import prepare_input
+    from nodulenet.infer.weights import load_model
+    from nodulenet.io.scan import read_scan
+    from nodulenet.model.box_ops import box_iou_3d
+
+    loaded = load_model(weights)
+    prepared = prepare_input(read_scan(series), loaded.prepare_config)
+    centre = np.round(prepared.transform.world_to_preprocessed(NODULE_0001_WORLD_XYZ)).astype(int)
+    lo = np.clip(centre - crop // 2, 0, np.maximum(np.asarray(prepared.image.shape) - crop, 0))
+    image = prepared.image[tuple(slice(a, a + crop) for a in lo)]
+    results, seconds = {}, {}
+    for precision in ("fp32", "bf16"):
+        x = _to_input(image, "cpu", channels_last=True)
+        loaded.model.to(memory_format=torch.channels_last_3d)
+        t0 = time.perf_counter()
+        results[precision] = _predict_tile(loaded.model, x, 0.5, None, precision)
+        seconds[precision] = round(time.perf_counter() - t0, 2)
+    f32, b16 = results["fp32"], results["bf16"]
+    reported = [i for i, s in enumerate(f32["scores"]) if s >= 0.5]
+    reported_b = [i for i, s in enumerate(b16["scores"]) if s >= 0.5]
+    pairs = []
+    if len(f32["boxes"]) and len(b16["boxes"]):
+        iou = box_iou_3d(torch.from_numpy(f32["boxes"]).float(), torch.from_numpy(b16["boxes"]).float()).numpy()
+        for i in reported:
+            j = int(iou[i].argmax())
+            pair = {"fp32_score": round(float(f32["scores"][i]), 4), "bf16_score": round(float(b16["scores"][j]), 4),
+                    "box_iou": round(float(iou[i, j]), 4)}
+            if i < len(f32["masks"]) and j < len(b16["masks"]):
+                pair["mask_dice"] = round(_dice_on_crops(f32["masks"][i], tuple(f32["crops"][i]), b16["masks"][j],
+                                                         tuple(b16["crops"][j])), 4)
+            pairs.append(pair)
+    return {
+        "weights": str(weights), "network": loaded.net_config.name, "crop_zyx": [int(v) for v in image.shape],
+        "crop_start_zyx": [int(v) for v in lo], "seconds": seconds,
+        "n_detections": {"fp32": len(f32["scores"]), "bf16": len(b16["scores"])},
+        "n_reported_at_0.5": {"fp32": len(reported), "bf16": len(reported_b)},
+        "reported_pairs": pairs,
+        "max_abs_score_diff_reported": max((abs(p["fp32_score"] - p["bf16_score"]) for p in pairs), default=None),
+        "min_box_iou_reported": min((p["box_iou"] for p in pairs), default=None),
+        "min_mask_dice_reported": min((p.get("mask_dice", 1.0) for p in pairs), default=None),
+    }
+
+
+def _series_dir(data: Path) -> Path:
+    found = [p.parent for p in (data / "LIDC-IDRI" / PATIENT).glob("*/*/*.xml")]
+    if len(found) != 1:
+        raise SystemExit(f"expected one annotated series under {data / 'LIDC-IDRI' / PATIENT}, found {len(found)}")
+    return found[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the demo-size network only")
+    parser.add_argument("--data", type=Path, default=Path(os.environ.get(
+        "NODULENET_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")))
+    parser.add_argument("--demo-weights", type=Path, default=SHIPPED_DEMO if SHIPPED_DEMO.is_file() else None)
+    parser.add_argument("--variants", nargs="*", default=None, help="subset of: demo published published_contiguous")
+    parser.add_argument("--bf16-check", action="store_true", help="only compare fp32 and (emulated) bf16 detections "
+                                                                  "on a crop around the nodule (needs --demo-weights)")
+    parser.add_argument("--crop", type=int, default=96, help="crop size of --bf16-check (voxels)")
+    args = parser.parse_args()
+    if args.bf16_check:
+        if not args.demo_weights:
+            raise SystemExit("--bf16-check needs trained weights (--demo-weights PATH)")
+        check = bf16_check(_series_dir(args.data), args.demo_weights, args.crop)
+        print(check)
+        record("predict_bf16_check", {"load_average_at_start": list(os.getloadavg()), **check})
+        return
+    variants = args.variants or (["demo"] if args.quick else ["demo", "published", "published_contiguous"])
+    # As ``nodulenet predict`` does (nodulenet.infer.cli): idle OpenMP threads sleep; children inherit it.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    series = _series_dir(args.data)
+    figures: dict[str, Any] = {"scan": PATIENT, "variants": {}}
+    context = multiprocessing.get_context("spawn")
+    with tempfile.TemporaryDirectory(prefix="predict_speed_") as tmp:
+        for name in variants:
+            queue = context.Queue()
+            demo = str(args.demo_weights) if args.demo_weights else None
+            child = context.Process(target=_variant, args=(name, str(series), tmp, demo, queue))
+            child.start()
+            result = queue.get()
+            child.join()
+            if result["status"] != "done":
+                raise SystemExit(f"{name} failed: {result['error']}")
+            figures["variants"][name] = result
+            stages = ", ".join(f"{k[:-2]} {v:.1f}" for k, v in result["stage_seconds"].items())
+            print(f"{name} ({result['network']}, {result['weights']}): {result['wall_s']:.1f} s wall [{stages}], "
+                  f"peak RSS {result['peak_rss_mib']:.0f} MiB, {result['n_findings']} findings, "
+                  f"load {result['load_average_start'][0]:.1f}->{result['load_average_end'][0]:.1f}")
+    figures["machine_note"] = machine_info().get("cpu")
+    record("predict_speed_quick" if args.quick else "predict_speed", figures)
+
+
+if __name__ == "__main__":
+    main()
