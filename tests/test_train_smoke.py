@@ -90,6 +90,14 @@ def test_losses_are_finite_and_fall(phantom_root: Path, tmp_path: Path,
     assert "optimizer" not in shipped
     model = model_from_checkpoint_dict(shipped).model
     assert model.config == cfg.model_network_config()
+    # predict must prepare a new scan exactly as the training cases were prepared
+    from nodulenet.infer.weights import load_model
+    from nodulenet.io.config_files import read_config_file
+
+    case_dir = next(p.parent for p in phantom_root.rglob("done.json"))
+    recorded = read_config_file(case_dir / "config.json", section="prepare")
+    assert shipped["extra"]["prepare_config"] == recorded
+    assert load_model(out / "model.pt").prepare_config.to_dict() == recorded
 
 
 def test_cli_make_splits_and_train(phantom_root: Path, tmp_path: Path) -> None:

@@ -63,8 +63,13 @@ class TrainState:
 
 def training_checkpoint_dict(model: torch.nn.Module, model_config: NoduleNetConfig, optimizer: torch.optim.Optimizer,
                              state: TrainState, train_config: dict[str, Any],
-                             grad_scaler: Any | None = None) -> dict[str, Any]:
-    d = to_checkpoint_dict(model, model_config, {"train_state": state.to_dict(), "train_config": train_config})
+                             grad_scaler: Any | None = None,
+                             prepare_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``prepare_config`` is the preprocessing the training cases were made with: predict repeats it exactly."""
+    extra: dict[str, Any] = {"train_state": state.to_dict(), "train_config": train_config}
+    if prepare_config is not None:
+        extra["prepare_config"] = prepare_config
+    d = to_checkpoint_dict(model, model_config, extra)
     d["optimizer"] = optimizer.state_dict()
     d["grad_scaler"] = grad_scaler.state_dict() if grad_scaler is not None else None
     return d

@@ -26,7 +26,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from rich.console import Console
@@ -43,6 +43,8 @@ from nodulenet.errors import InputError
 from nodulenet.io.atomic import write_json_atomic
 from nodulenet.model.checkpoint import CheckpointMismatchError, model_from_checkpoint_dict
 from nodulenet.model.nodulenet import NoduleNet, NoduleTargets
+
+from nodulenet.io.config_files import read_config_file
 
 from .checkpoint_files import (BEST, FINAL_MODEL, LAST, TrainState, export_model, load_checkpoint, resume_parts,
                                save_checkpoint, training_checkpoint_dict)
@@ -197,6 +199,22 @@ def _load_hard_negatives(out: Path, name: str | None) -> list[HardNegative]:
 # ------------------------------------------------------------------------------------------ the run
 
 
+def common_prepare_config(case_dirs: Sequence[Path], log: Any) -> dict[str, Any] | None:
+    """The preprocessing settings shared by all training cases (their ``config.json``), recorded in every
+    checkpoint so that predict prepares a new scan exactly as training saw its cases; None (with a warning)
+    when the cases were prepared with different settings."""
+    found: dict[str, Any] | None = None
+    for case_dir in case_dirs:
+        settings = read_config_file(Path(case_dir) / "config.json", section="prepare")
+        if found is None:
+            found = settings
+        elif settings != found:
+            log.warning("training cases were prepared with different settings (%s differs); the checkpoints do "
+                        "not record one preprocessing config", case_dir)
+            return None
+    return found
+
+
 def train(
     config: TrainConfig | None,
     out_dir: str | Path,
@@ -272,6 +290,7 @@ def _run(config: TrainConfig, out: Path, checkpoint: dict[str, Any] | None, stat
     skipped = missing + [p.to_dict() for p in (*train_report.problems, *val_report.problems)]
     for s in skipped:
         run_log.warning("skipped case %s: %s: %s", s["case_id"], s["file"], s["problem"])
+    prepare_config = common_prepare_config([c.case_dir for c in train_report.cases], run_log)
     if not train_report.cases:
         raise InputError(config.prepared_roots[0], "no usable training case (see the skipped cases above)")
     val_cases: list[PreparedCase] = val_report.cases[: config.val_max_cases] if config.val_max_cases else \
@@ -343,7 +362,8 @@ def _run(config: TrainConfig, out: Path, checkpoint: dict[str, Any] | None, stat
 
     def save_last() -> None:
         if info.is_main:
-            save_checkpoint(training_checkpoint_dict(model, model_config, optimizer, state, config.to_dict(), scaler),
+            save_checkpoint(training_checkpoint_dict(model, model_config, optimizer, state, config.to_dict(), scaler,
+                                                     prepare_config),
                             out / LAST)
 
     total_steps = steps_per_epoch * config.epochs
@@ -470,7 +490,8 @@ def _run(config: TrainConfig, out: Path, checkpoint: dict[str, Any] | None, stat
                     state.best_cpm, state.best_epoch = cpm, epoch
                     if info.is_main:
                         save_checkpoint(training_checkpoint_dict(model, model_config, optimizer, state,
-                                                                 config.to_dict(), scaler), out / BEST)
+                                                                 config.to_dict(), scaler, prepare_config),
+                                        out / BEST)
             state.train_seconds += time.perf_counter() - t_run
             t_run = time.perf_counter()
             save_last()
