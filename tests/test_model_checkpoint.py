@@ -130,3 +130,25 @@ def test_model_from_published_dict_uses_the_published_config(published_model: No
     loaded = model_from_checkpoint_dict(published_checkpoint(published_model))
     assert loaded.config == NoduleNetConfig()
     assert loaded.import_report is not None and loaded.import_report.epoch == 200
+
+
+def test_import_checkpoint_command_writes_a_loadable_model(published_model: NoduleNet, tmp_path) -> None:
+    import subprocess
+    import sys
+
+    src = tmp_path / "200.ckpt"
+    torch.save({**published_checkpoint(published_model), "epoch": 200, "out_dir": "results/cross_val_test"}, src)
+    out = tmp_path / "published.pt"
+    res = subprocess.run([sys.executable, "-m", "nodulenet", "import-checkpoint", str(src), str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "dropped 10 unused published keys" in res.stdout
+    loaded = model_from_checkpoint_dict(torch.load(out, map_location="cpu", weights_only=True))
+    for name, tensor in published_model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[name], tensor), name
+    # a file that is not a checkpoint: one line naming it, no traceback
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"garbage")
+    res = subprocess.run([sys.executable, "-m", "nodulenet", "import-checkpoint", str(bad), str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and str(bad) in res.stderr and "Traceback" not in res.stderr

@@ -88,6 +88,34 @@ def phantom(
         typer.echo(f"{name:<14} {path}")
 
 
+@app.command("import-checkpoint")
+def import_checkpoint_cmd(
+    checkpoint: Path = typer.Argument(..., help="A published NoduleNet checkpoint (e.g. 200.ckpt: a dict with state_dict)."),
+    out: Path = typer.Argument(..., help="Where to write the nodulenet model file (.pt)."),
+) -> None:
+    """Convert a published NoduleNet checkpoint into a nodulenet model file (weights + config).
+
+    Layers the published forward pass never uses are dropped and listed; a missing or mis-shaped weight is
+    an error naming it. ``predict --weights`` also takes the published file directly.
+    """
+    from nodulenet.errors import InputError
+    from nodulenet.model import NoduleNet, published_config, to_checkpoint_dict
+    from nodulenet.model.checkpoint import CheckpointMismatchError, import_published_state_dict
+    from nodulenet.train.checkpoint_files import load_checkpoint, save_checkpoint
+
+    obj = load_checkpoint(checkpoint)
+    config = published_config()
+    try:
+        state_dict, report = import_published_state_dict(obj, config)
+    except CheckpointMismatchError as err:
+        raise InputError(checkpoint, f"does not match the published NoduleNet: {err}") from None
+    model = NoduleNet(config)
+    model.load_state_dict(state_dict)
+    save_checkpoint(to_checkpoint_dict(model, config, {"imported_from": str(checkpoint), "epoch": report.epoch}), out)
+    typer.echo(report.summary())
+    typer.echo(f"wrote {out}")
+
+
 def _parse_overrides(pairs: list[str]) -> dict:
     """``--set lung.dilation_mm=5`` pairs -> {"lung.dilation_mm": 5}; values parsed as YAML scalars."""
     import yaml
