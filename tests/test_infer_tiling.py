@@ -109,5 +109,5 @@ def test_memory_estimate_bounds_the_measured_peak_of_one_pass():
     done = subprocess.run([sys.executable, "-c", _MEASURE_ONE_PASS], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     figures = json.loads(done.stdout.strip().splitlines()[-1])
-    # Measured on the build machine: growth 266 MiB, estimate 394 MiB.
+    # Measured on the build machine: growth 266-334 MiB quiet, 531 MiB once under load; estimate 594 MiB.
     assert 0.4 * figures["estimate"] <= figures["growth"] <= figures["estimate"]
