@@ -27,3 +27,15 @@ def test_bad_files_name_the_file_and_the_problem(tmp_path: Path, name: str, text
     assert str(tmp_path / name) in str(err.value)
     with pytest.raises(InputError, match="cannot read"):
         read_config_file(tmp_path / "missing.yaml")
+
+
+def test_dotted_overrides_set_nested_settings_and_refuse_typos():
+    from nodulenet.io.config_files import apply_dotted_overrides
+
+    settings = {"epochs": 200, "crop": {"size": 128}, "model_config": {}}
+    apply_dotted_overrides(settings, {"epochs": 5, "crop.size": 64, "model_config.fpn": True}, "training",
+                           open_sections=("model_config",))
+    assert settings == {"epochs": 5, "crop": {"size": 64}, "model_config": {"fpn": True}}
+    for bad in ({"epoch": 5}, {"crop.sise": 1}, {"nope.size": 1}):
+        with pytest.raises(InputError, match="unknown training setting"):
+            apply_dotted_overrides(dict(settings), bad, "training", open_sections=("model_config",))

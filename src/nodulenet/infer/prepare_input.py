@@ -26,7 +26,8 @@ from nodulenet.io.volume import Volume
 from nodulenet.preprocess.config import PrepareConfig
 from nodulenet.preprocess.lung_mask import LungSegmentationError, lung_bounding_box, segment_lungs
 from nodulenet.preprocess.normalize import apply_lung_mask, hu_to_uint8
-from nodulenet.preprocess.resample import CaseTransform, resample_volume
+from nodulenet.preprocess.prepare import resample_ct_hu
+from nodulenet.preprocess.resample import CaseTransform
 
 # A chest CT that holds both lungs spans ~200-350 mm along z and ~300-400 mm in plane. Below these the scan
 # cannot hold a lung (it is a localizer, a partial stack or a wrong file); saying so beats "no lungs found".
@@ -101,14 +102,7 @@ def prepare_input(ct: Volume, config: PrepareConfig | None = None) -> PreparedIn
         stages[name] = round(now - last, 3)
         last = now
 
-    # Scanner padding outside the field of view would be interpolated into the body edge (as in prepare_case).
-    array = ct.array
-    padding = array < config.padding_below_hu
-    if padding.any():
-        array = np.where(padding, np.asarray(config.padding_fill_hu, dtype=array.dtype), array)
-    del padding
-    hu, mapping = resample_volume(ct.with_array(array), config.spacing_zyx_mm, "linear")
-    del array
+    hu, mapping = resample_ct_hu(ct, config)
     lap("resample")
 
     try:

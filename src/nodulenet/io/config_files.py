@@ -35,3 +35,24 @@ def read_config_file(path: str | Path, section: str | None = None) -> dict[str, 
     if section is not None and isinstance(data.get(section), dict):
         return data[section]
     return data
+
+
+def apply_dotted_overrides(
+    settings: dict[str, Any], overrides: dict[str, Any], what: str, open_sections: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """Set ``{"lung.dilation_mm": 5}``-style keys in the nested ``settings`` dict (in place; returned).
+
+    A key must name an existing setting (a typo is an error, not a silently ignored option), except below a
+    section listed in ``open_sections`` (free-form mappings). ``what`` names the settings in the message.
+    """
+    for key, value in overrides.items():
+        parts = key.split(".")
+        target = settings
+        for part in parts[:-1]:
+            if part not in target or not isinstance(target[part], dict):
+                raise InputError(None, f"unknown {what} setting {key!r}")
+            target = target[part]
+        if parts[-1] not in target and parts[0] not in open_sections:
+            raise InputError(None, f"unknown {what} setting {key!r}")
+        target[parts[-1]] = value
+    return settings

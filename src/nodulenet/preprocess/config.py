@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from nodulenet.errors import InputError
-from nodulenet.io.config_files import read_config_file
+from nodulenet.io.config_files import apply_dotted_overrides, read_config_file
 
 CONSENSUS_METHODS = ("union", "majority")
 LUNA_MASK_METHODS = ("sphere",)
@@ -129,17 +129,7 @@ class PrepareConfig:
 
     def with_overrides(self, overrides: dict[str, Any]) -> "PrepareConfig":
         """Return a copy with dotted keys replaced, e.g. ``{"min_readers": 2, "lung.dilation_mm": 5}``."""
-        d = self.to_dict()
-        for key, value in overrides.items():
-            parts = key.split(".")
-            target = d
-            for part in parts[:-1]:
-                if part not in target or not isinstance(target[part], dict):
-                    raise InputError(None, f"unknown prepare setting {key!r}")
-                target = target[part]
-            if parts[-1] not in target:
-                raise InputError(None, f"unknown prepare setting {key!r}")
-            target[parts[-1]] = value
+        d = apply_dotted_overrides(self.to_dict(), overrides, "prepare")
         return PrepareConfig.from_dict(d)
 
     def replace(self, **changes: Any) -> "PrepareConfig":

@@ -161,6 +161,21 @@ def _nodule_entry(n: NoduleAnnotation, geometry: Geometry, labels: np.ndarray | 
     return entry
 
 
+def resample_ct_hu(ct: Volume, config: PrepareConfig) -> tuple[Volume, Any]:
+    """Fill scanner padding, then resample the HU volume linearly to ``config.spacing_zyx_mm``.
+
+    Shared by :func:`prepare_case` and predict's input preparation, so a new scan is resampled exactly as the
+    training cases were. Padding (-2048, -3024) outside the field of view would otherwise be interpolated
+    into the body edge.
+    """
+    array = ct.array
+    padding = array < config.padding_below_hu
+    if padding.any():
+        array = np.where(padding, np.asarray(config.padding_fill_hu, dtype=array.dtype), array)
+    del padding
+    return resample_volume(ct.with_array(array), config.spacing_zyx_mm, "linear")
+
+
 def prepare_case(
     ct: Volume,
     out_dir: str | Path,
@@ -190,14 +205,7 @@ def prepare_case(
         stages[name] = round(now - last, 3)
         last = now
 
-    # Scanner padding (-2048, -3024) outside the field of view would be interpolated into the body edge.
-    array = ct.array
-    padding = array < config.padding_below_hu
-    if padding.any():
-        array = np.where(padding, np.asarray(config.padding_fill_hu, dtype=array.dtype), array)
-    del padding
-    hu, mapping = resample_volume(ct.with_array(array), config.spacing_zyx_mm, "linear")
-    del array
+    hu, mapping = resample_ct_hu(ct, config)
     lap("resample")
 
     lung = segment_lungs(hu, config.lung)

@@ -23,7 +23,7 @@ import yaml
 
 from nodulenet.data.config import AugmentConfig, CropConfig
 from nodulenet.errors import InputError
-from nodulenet.io.config_files import read_config_file
+from nodulenet.io.config_files import apply_dotted_overrides, read_config_file
 from nodulenet.model.config import NoduleNetConfig, published_config, tiny_config
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -167,17 +167,7 @@ class TrainConfig:
 
     def with_overrides(self, overrides: dict[str, Any]) -> TrainConfig:
         """A copy with dotted keys replaced (``{"epochs": 5, "crop.crop_size_zyx": [64, 64, 64]}``)."""
-        d = self.to_dict()
-        for key, value in overrides.items():
-            parts = key.split(".")
-            target = d
-            for part in parts[:-1]:
-                if part not in target or not isinstance(target[part], dict):
-                    raise InputError(None, f"unknown training setting {key!r}")
-                target = target[part]
-            if parts[-1] not in target and parts[0] != "model_config":
-                raise InputError(None, f"unknown training setting {key!r}")
-            target[parts[-1]] = value
+        d = apply_dotted_overrides(self.to_dict(), overrides, "training", open_sections=("model_config",))
         return TrainConfig.from_dict(d)
 
 
