@@ -53,3 +53,15 @@ def lidc_0001_series(lidc_root: Path) -> Path:
 def lidc_0002_series(lidc_root: Path) -> Path:
     """The CT series folder (DICOM + XML) of LIDC-IDRI-0002."""
     return _series_dir(lidc_root, "LIDC-IDRI-0002")
+
+
+@pytest.fixture(scope="session")
+def phantom_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two small prepared phantom cases (seeds 1 and 3, ``phantom-00001``/``-00003``), made once per test run.
+
+    Seeds 1 and 3: about 1 in 8 small phantoms loses a lung in the lung mask (noted on issue 4)."""
+    from nodulenet.data.synthetic import prepare_phantom_cases
+
+    root = tmp_path_factory.getbasetemp() / "phantom_cases"
+    prepare_phantom_cases(root, [1, 3])
+    return root

@@ -15,16 +15,9 @@ import pytest
 from nodulenet.data import cases as cases_module
 from nodulenet.data.cases import find_case_dirs, load_case, load_cases, patient_id_for
 from nodulenet.data.nrrd_mmap import read_raw_nrrd_layout
-from nodulenet.data.synthetic import prepare_phantom_cases
 from nodulenet.errors import InputError
 from nodulenet.io.image_files import read_image
 
-
-@pytest.fixture(scope="module")
-def phantom_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.getbasetemp() / "phantom_cases"
-    prepare_phantom_cases(root, [1, 3])  # skips cases another test module already prepared
-    return root
 
 
 def copy_case(root: Path, tmp_path: Path, name: str = "phantom-00001") -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,15 +13,12 @@ from nodulenet.data.cases import load_case
 from nodulenet.data.config import AugmentConfig, CropConfig
 from nodulenet.data.dataset import CropDataset, ResumableDistributedSampler, collate_crops, make_loader
 from nodulenet.data.sampling import HardNegative, epoch_plan, split_counts
-from nodulenet.data.synthetic import prepare_phantom_cases
 from nodulenet.io.image_files import read_image
 
 
 @pytest.fixture(scope="module")
-def cases(tmp_path_factory: pytest.TempPathFactory) -> list:
-    root = tmp_path_factory.getbasetemp() / "phantom_cases"
-    prepare_phantom_cases(root, [1, 3])
-    return [load_case(root / "phantom-00001"), load_case(root / "phantom-00003")]
+def cases(phantom_root: Path) -> list:
+    return [load_case(phantom_root / "phantom-00001"), load_case(phantom_root / "phantom-00003")]
 
 
 def test_split_counts_largest_remainder() -> None:

@@ -9,7 +9,6 @@ from typing import Any
 import pytest
 import torch
 
-from nodulenet.data.synthetic import prepare_phantom_cases
 from nodulenet.errors import InputError
 from nodulenet.model import NoduleNet, model_from_checkpoint_dict, tiny_config
 from nodulenet.train.checkpoint_files import (CheckpointWriteError, TrainState, export_model, load_checkpoint,
@@ -43,10 +42,8 @@ def test_failed_save_keeps_the_previous_file(tmp_path: Path, monkeypatch: pytest
     assert load_checkpoint(path)["extra"]["train_state"]["global_step"] == 1
 
 
-def test_disk_full_during_training(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory,
-                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    root = tmp_path_factory.getbasetemp() / "phantom_cases"
-    prepare_phantom_cases(root, [1, 3])
+def test_disk_full_during_training(tmp_path: Path, phantom_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = phantom_root
     cfg = TrainConfig.from_dict(dict(
         prepared_roots=[str(root)], train_cases=["phantom-00001"], model="tiny", model_width=0.5,
         model_config={"blocks_per_stage": [1] * 6},

@@ -13,19 +13,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import yaml
 
-from nodulenet.data.synthetic import prepare_phantom_cases
 from nodulenet.train.checkpoint_files import load_checkpoint
 from nodulenet.train.config import TrainConfig
 
-
-@pytest.fixture(scope="module")
-def phantom_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.getbasetemp() / "phantom_cases"
-    prepare_phantom_cases(root, [1, 3])
-    return root
 
 
 def test_two_processes_hold_identical_weights(phantom_root: Path, tmp_path: Path) -> None:

@@ -17,18 +17,11 @@ from typing import Any
 import pytest
 import torch
 
-from nodulenet.data.synthetic import prepare_phantom_cases
 from nodulenet.errors import InputError
 from nodulenet.train.checkpoint_files import load_checkpoint
 from nodulenet.train.config import TrainConfig
 from nodulenet.train.loop import train
 
-
-@pytest.fixture(scope="module")
-def phantom_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.getbasetemp() / "phantom_cases"
-    prepare_phantom_cases(root, [1, 3])
-    return root
 
 
 @pytest.fixture(autouse=True)

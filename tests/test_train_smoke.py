@@ -25,12 +25,6 @@ from nodulenet.train.loop import train
 HEADS = ("rpn_cls", "rpn_reg", "rcnn_cls", "rcnn_reg", "mask")
 
 
-@pytest.fixture(scope="module")
-def phantom_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.getbasetemp() / "phantom_cases"
-    prepare_phantom_cases(root, [1, 3])
-    return root
-
 
 @pytest.fixture(autouse=True)
 def one_thread() -> Any:

@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from nodulenet.data.cases import load_case
-from nodulenet.data.synthetic import prepare_phantom_cases
 from nodulenet.model.nodulenet import Detections
 from nodulenet.train import validate as validate_module
 from nodulenet.train.config import TrainConfig
@@ -25,12 +24,6 @@ from nodulenet.train.validate import mine_hard_negatives, validate
 
 SINGLE = DistInfo(0, 0, 1, torch.device("cpu"), None)
 
-
-@pytest.fixture(scope="module")
-def phantom_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.getbasetemp() / "phantom_cases"
-    prepare_phantom_cases(root, [1, 3])
-    return root
 
 
 def box_at(center_zyx: np.ndarray, size: float) -> list[float]:
