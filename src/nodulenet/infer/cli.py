@@ -114,14 +114,29 @@ def predict_cmd(
     no_dicom: bool = typer.Option(False, "--no-dicom", help="Do not write DICOM SEG/SR for DICOM input."),
     redo: bool = typer.Option(False, "--redo", help="Recompute scans whose complete output is already there."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: one per core)."),
+    server: Optional[str] = typer.Option(None, "--server", envvar="NODULENET_SERVER",
+                                         help="Run on a nodulenet server (http[s]://host:port) instead of here."),
+    token: Optional[str] = typer.Option(None, "--token", envvar="NODULENET_TOKEN",
+                                        help="The server's bearer token (or a file holding it)."),
+    remote: Optional[str] = typer.Option(None, "--remote", help="Run on user@host[:port] over SSH (nodulenet "
+                                                                "installed there) instead of here."),
+    remote_python: Optional[str] = typer.Option(None, "--remote-python", help="Python on the SSH host that has "
+                                                "nodulenet (default: the `nodulenet` command on its PATH)."),
+    identity: Optional[Path] = typer.Option(None, "--identity", help="SSH private key (default: agent and "
+                                            "~/.ssh keys)."),
+    accept_new_host_key: bool = typer.Option(False, "--accept-new-host-key", help="Trust and remember an SSH "
+                                             "host that is not in known_hosts yet (a changed key is always refused)."),
 ) -> None:
     """Find, measure and outline nodules in CT scans; write nodules.json, candidates.csv, a label map,
     DICOM SEG + SR (DICOM input) and report.html per scan. Research software, not a medical device."""
     _passive_openmp_threads()
+    from nodulenet.errors import NoduleNetError
     from nodulenet.predict_api import predict_scans
 
     options = _options(weights, device, threshold, max_memory, precision, label_format, no_dicom, redo, threads)
     console = _console()
+    if server and remote:
+        raise NoduleNetError("--server and --remote are two ways to run elsewhere: give one of them")
 
     def report(result: Any) -> None:
         if result.status == "failed":
@@ -132,7 +147,27 @@ def predict_cmd(
             console.print(f"[green]done[/] {result.scan}: {result.n_findings} finding(s) -> {result.out_dir} "
                           f"[dim]({_stage_line(result)})[/]", highlight=False)
 
-    run = predict_scans(scans, out, options, progress=True, on_result=report)
+    if server:
+        # The server runs its own model on its own device: options that choose those here would be ignored.
+        local_only = {"--weights": weights is not None, "--device": device != "cpu",
+                      "--max-memory": max_memory is not None, "--precision": precision != "auto",
+                      "--threads": threads is not None}
+        given = [flag for flag, used in local_only.items() if used]
+        if given:
+            raise NoduleNetError(f"{', '.join(given)} cannot be used with --server: the server runs its own model "
+                                 f"and device (see `GET /v1/info`)")
+        from nodulenet.serve.client import predict_on_server
+
+        run = predict_on_server(scans, out, url=server, token=token, options=options, progress=True,
+                                on_result=report)
+    elif remote:
+        from nodulenet.remote.ssh import predict_over_ssh
+
+        run = predict_over_ssh(scans, out, target=remote, options=options, remote_python=remote_python,
+                               identity_file=identity, accept_new_host_key=accept_new_host_key, progress=True,
+                               on_result=report)
+    else:
+        run = predict_scans(scans, out, options, progress=True, on_result=report)
     done = sum(r.status != "failed" for r in run.results)
     console.print(f"{done} of {len(run.results)} scan(s) done; summary: {run.summary_path}", highlight=False)
     if run.failed:
