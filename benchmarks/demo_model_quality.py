@@ -1,0 +1,56 @@
+"""Detection quality of a model (default: the shipped demo model) on phantoms it never saw: LUNA16 CPM and FROC.
+
+Issue 4's target for the demo model: CPM >= 0.90 on held-out phantoms. Generates small phantom chests from seeds
+``--first-seed`` .. (the demo model trained on seeds 100..135), runs the whole ``nodulenet predict`` path on each
+NIfTI file at threshold 0.05, and scores the findings with the LUNA16 rules (``nodulenet.heldout``). Prints and
+records CPM, the sensitivities at 1/8..8 FP/scan, the counts, and the time per scan.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/demo_model_quality.py [--n 10] [--first-seed 1000]
+        [--weights PATH] [--out DIR] [--name demo_model_quality]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _record import record  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=10, help="number of held-out phantoms")
+    parser.add_argument("--first-seed", type=int, default=1000)
+    parser.add_argument("--weights", type=Path, default=None, help="model (default: the shipped demo model)")
+    parser.add_argument("--out", type=Path, default=None, help="keep every file here (default: a temp folder)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--name", default="demo_model_quality", help="name of the JSON record")
+    args = parser.parse_args()
+
+    from nodulenet.heldout import evaluate_on_heldout_phantoms
+
+    seeds = list(range(args.first_seed, args.first_seed + args.n))
+    with tempfile.TemporaryDirectory(prefix="nodulenet-heldout-") as tmp:
+        out = args.out or Path(tmp)
+        start = time.perf_counter()
+        result = evaluate_on_heldout_phantoms(out, seeds, weights=args.weights, threads=args.threads, progress=True)
+        seconds = time.perf_counter() - start
+        froc = json.loads((out / "froc.json").read_text())
+    print(f"CPM {result.cpm:.3f} on {len(seeds)} held-out phantoms (seeds {seeds[0]}..{seeds[-1]}), "
+          f"{result.n_hits}/{result.n_nodules} nodules hit, {result.n_false_positives} false positives")
+    for rate, sens in result.sensitivities_at.items():
+        print(f"  sensitivity at {float(rate):>6.3f} FP/scan: {sens:.3f}")
+    if result.failed:
+        print("FAILED scans:", *result.failed, sep="\n  ")
+    record(args.name, {"weights": str(args.weights or "shipped demo model"), **result.to_dict(),
+                       "cpm_ci95": froc.get("cpm_ci"), "total_seconds": round(seconds, 1),
+                       "threads": args.threads, "target_cpm": 0.90})
+
+
+if __name__ == "__main__":
+    main()
