@@ -31,7 +31,7 @@ PATIENTS = ("LIDC-IDRI-0001", "LIDC-IDRI-0002")
 def _one_case(series_dir: str, patient: str, out_root: str, queue: Any) -> None:
     """Child process: prepare one case and report wall/CPU seconds, peak RSS and the stage times."""
     from nodulenet.preprocess.config import PrepareConfig
-    from nodulenet.preprocess.prepare import LidcCase, _prepare_one
+    from nodulenet.preprocess.prepare_dataset import LidcCase, _prepare_one
 
     case = LidcCase(patient, Path(series_dir), "")
     t0, c0 = time.perf_counter(), time.process_time()
@@ -85,7 +85,7 @@ def main() -> None:
         figures["scans_per_hour_one_worker"] = round(3600.0 / figures["mean_wall_s_per_case"], 1)
         print(f"one worker: {figures['scans_per_hour_one_worker']:.0f} scans/hour")
         if not args.quick:
-            from nodulenet.preprocess.prepare import prepare_lidc
+            from nodulenet.preprocess.prepare_dataset import prepare_lidc
 
             src = Path(tmp) / "src"
             src.mkdir()

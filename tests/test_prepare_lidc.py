@@ -18,7 +18,8 @@ from nodulenet.io.image_files import read_image
 from nodulenet.io.luna_csv import read_luna_annotations
 from nodulenet.io.volume import Geometry
 from nodulenet.preprocess.config import PrepareConfig
-from nodulenet.preprocess.prepare import CASE_FILES, find_lidc_cases, prepare_lidc
+from nodulenet.preprocess.prepare import CASE_FILES
+from nodulenet.preprocess.prepare_dataset import find_lidc_cases, prepare_lidc
 from nodulenet.preprocess.resample import CaseTransform
 
 UID_0001 = "1.3.6.1.4.1.14519.5.2.1.6279.6001.179049373636438705059720603192"

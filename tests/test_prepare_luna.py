@@ -17,7 +17,7 @@ from nodulenet.errors import InputError
 from nodulenet.io.image_files import read_image, write_image
 from nodulenet.io.volume import Volume
 from nodulenet.preprocess.config import PrepareConfig
-from nodulenet.preprocess.prepare import find_luna_cases, prepare_luna
+from nodulenet.preprocess.prepare_dataset import find_luna_cases, prepare_luna
 from nodulenet.preprocess.resample import CaseTransform
 
 UID_A = "1.2.826.0.1.3680043.8.498.1"

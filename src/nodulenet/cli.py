@@ -154,7 +154,7 @@ def prepare_lidc_cmd(
 ) -> None:
     """Resample, segment lungs, normalise and crop every LIDC-IDRI case; nodules from the readers' XML."""
     from nodulenet.preprocess.config import load_prepare_config
-    from nodulenet.preprocess.prepare import prepare_lidc
+    from nodulenet.preprocess.prepare_dataset import prepare_lidc
 
     cfg = load_prepare_config(config, _parse_overrides(set_))
     summary = prepare_lidc(src, out, cfg, workers=workers, min_readers=min_readers, force=force)
@@ -174,7 +174,7 @@ def prepare_luna_cmd(
 ) -> None:
     """Prepare LUNA16 scans; nodule masks are spheres of the annotated diameter."""
     from nodulenet.preprocess.config import load_prepare_config
-    from nodulenet.preprocess.prepare import prepare_luna
+    from nodulenet.preprocess.prepare_dataset import prepare_luna
 
     cfg = load_prepare_config(config, _parse_overrides(set_))
     summary = prepare_luna(mhd_root, annotations, out, cfg, workers=workers, excluded_csv=excluded_csv, force=force)

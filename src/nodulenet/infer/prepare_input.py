@@ -5,9 +5,9 @@ of a prepared case (``image.nrrd`` of :func:`nodulenet.preprocess.prepare.prepar
 config's spacing, HU window -> 0..255, padded with ``pad_value`` outside the dilated lungs, cropped to the lungs
 plus a margin) and the :class:`CaseTransform` that maps its voxels back to the original scan.
 
-Why not call ``prepare_case``: it writes a case folder (image, masks, overlay, JSON) that inference does not
-need. The steps below are the same calls in the same order; ``tests/test_infer_prepare.py`` checks that the
-image is byte-identical to the one ``prepare_case`` writes, so the two cannot drift apart unnoticed.
+Both this and ``prepare_case`` (which also writes the case folder: masks, overlay, JSON) make the image with
+the one function :func:`nodulenet.preprocess.prepare.make_network_input`; ``tests/test_infer_prepare.py``
+checks that the image is byte-identical to the one ``prepare_case`` writes.
 
 Bad input gets one clear :class:`InputError` each: a series that is not CT, values that are not Hounsfield
 units, a scan too small or too thin to hold lungs, and a scan in which no lungs are found.
@@ -15,7 +15,6 @@ units, a scan too small or too thin to hold lungs, and a scan in which no lungs 
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,9 +23,8 @@ import numpy as np
 from nodulenet.errors import InputError
 from nodulenet.io.volume import Volume
 from nodulenet.preprocess.config import PrepareConfig
-from nodulenet.preprocess.lung_mask import LungSegmentationError, lung_bounding_box, segment_lungs
-from nodulenet.preprocess.normalize import apply_lung_mask, hu_to_uint8
-from nodulenet.preprocess.prepare import resample_ct_hu
+from nodulenet.preprocess.lung_mask import LungSegmentationError
+from nodulenet.preprocess.prepare import make_network_input
 from nodulenet.preprocess.resample import CaseTransform
 
 # A chest CT that holds both lungs spans ~200-350 mm along z and ~300-400 mm in plane. Below these the scan
@@ -93,32 +91,11 @@ def prepare_input(ct: Volume, config: PrepareConfig | None = None) -> PreparedIn
     """Resample, segment the lungs, normalise and crop ``ct`` (HU) exactly as ``prepare_case`` does."""
     config = config or PrepareConfig()
     check_ct_volume(ct)
-    stages: dict[str, float] = {}
-    last = time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal last
-        now = time.perf_counter()
-        stages[name] = round(now - last, 3)
-        last = now
-
-    hu, mapping = resample_ct_hu(ct, config)
-    lap("resample")
-
     try:
-        lung = segment_lungs(hu, config.lung)
+        prepared = make_network_input(ct, config)
     except LungSegmentationError as exc:
         raise InputError(_source(ct), f"no lungs found: {exc}") from None
-    if not lung.lungs.any():  # segment_lungs may end with an empty mask after its airway/fill steps
+    if not prepared.lung.lungs.any():  # segment_lungs may end with an empty mask after its airway/fill steps
         raise InputError(_source(ct), "no lungs found: the lung segmentation came out empty (is this a chest CT?)")
-    lap("lung_mask")
-
-    box = lung_bounding_box(lung.lungs > 0, config.crop_margin_voxels)
-    transform = CaseTransform(mapping.original, mapping.resampled, box[:3], box[3:])
-    crop = transform.crop_slices
-    image = hu_to_uint8(hu.array[crop], config.hu_min, config.hu_max)
-    image = apply_lung_mask(image, lung.kept[crop], lung.lungs[crop], config.pad_value, config.remove_bone,
-                            config.bone_threshold)
-    lap("normalize")
-    return PreparedInput(image=image, transform=transform, lung_volume_ml=float(lung.lung_volume_ml),
-                         stage_seconds={**stages, **{f"lung.{k}": v for k, v in lung.stage_seconds.items()}})
+    return PreparedInput(image=prepared.image, transform=prepared.transform,
+                         lung_volume_ml=float(prepared.lung.lung_volume_ml), stage_seconds=prepared.stage_seconds)
