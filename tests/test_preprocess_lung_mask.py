@@ -181,3 +181,44 @@ def test_empty_lung_mask_has_a_clear_error():
     with pytest.raises(LungSegmentationError, match="empty"):
         lung_bounding_box(np.zeros((4, 5, 6), dtype=bool))
     assert lung_bounding_box(np.pad(np.ones((1, 2, 3), bool), 2), margin=1) == (1, 1, 1, 4, 5, 6)
+
+
+def test_small_chest_keeps_both_lungs_and_their_nodules() -> None:
+    """Phantom 1006 (small chest, 4 nodules): after airway removal its lungs hold 219 and 192 mL. An absolute
+    200 mL minimum per lung used to drop the smaller one, padding away the two nodules inside it; the second lung
+    is judged by its ratio to the first (192/219) instead."""
+    from dataclasses import replace
+
+    from nodulenet.data.synthetic import SMALL_PHANTOM
+    from nodulenet.preprocess.phantom import make_phantom
+
+    config = PrepareConfig()
+    phantom = make_phantom(1006, replace(SMALL_PHANTOM, n_nodules=4))
+    hu, _ = resample_volume(phantom.image, config.spacing_zyx_mm)
+    truth = resample_labels(phantom.lung_mask, config.spacing_zyx_mm)[0].array > 0
+    nodules = resample_labels(phantom.nodule_mask, config.spacing_zyx_mm)[0].array
+    result = segment_lungs(hu, config.lung)
+    assert result.n_lungs == 2
+    lungs = result.lungs > 0
+    # Both lungs: the segmentation holds at least 85 % of the phantom's lung voxels (the air threshold and the
+    # airway removal take the rest) and both of its lungs (labels 1 and 2) lie in different halves along x.
+    assert (lungs & truth).sum() >= 0.85 * truth.sum()
+    x_right = np.nonzero((result.lungs == 1).any(axis=(0, 1)))[0].mean()
+    x_left = np.nonzero((result.lungs == 2).any(axis=(0, 1)))[0].mean()
+    assert abs(x_left - x_right) > 30  # voxels (mm): two lungs side by side, not one lung cut in two
+    for n in phantom.nodules:
+        inside = nodules == n.id
+        assert (result.kept & inside).sum() == inside.sum(), f"nodule {n.id} is padded away"
+
+
+def test_gas_far_smaller_than_the_lungs_is_not_a_second_lung() -> None:
+    from nodulenet.preprocess.lung_mask import _pick_lungs
+
+    cfg = LungMaskConfig()
+    sizes = np.array([0, 3000, 500, 100])  # voxels of 1 mL: joined lungs 3 L, stomach gas 0.5 L
+    order = np.argsort(sizes)[::-1]
+    assert _pick_lungs(sizes, order, 1.0, cfg) == [1]  # 0.5/3 < 1/4.8
+    sizes = np.array([0, 219, 192, 5])
+    assert _pick_lungs(sizes, np.argsort(sizes)[::-1], 1.0, cfg) == [1, 2]
+    sizes = np.array([0, 150, 140])  # the largest below 200 mL: no lung at all
+    assert _pick_lungs(sizes, np.argsort(sizes)[::-1], 1.0, cfg) == []

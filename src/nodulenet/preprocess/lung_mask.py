@@ -210,11 +210,29 @@ def _components_by_size(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nd
     return labels, sizes, np.argsort(sizes)[::-1]
 
 
+def _pick_lungs(sizes: np.ndarray, order: np.ndarray, voxel_ml: float, cfg: LungMaskConfig) -> list[int]:
+    """The (at most two) component labels that are lungs: the largest when it holds at least
+    ``min_lung_volume_ml``, and the second largest when it holds at least ``second_lung_min_ratio`` of the largest.
+
+    The second lung is judged by the ratio alone, as the published code does: a small chest's lung can hold
+    less than ``min_lung_volume_ml`` (the phantoms' lungs are ~190-280 mL each, and an absolute limit on each
+    lung dropped one lung of about 1 phantom in 7, with the nodules in it), while gas in the stomach or colon
+    next to adult lungs stays far below the ratio.
+    """
+    first = int(order[0]) if len(order) else 0
+    if first == 0 or sizes[first] * voxel_ml < cfg.min_lung_volume_ml:
+        return []
+    keep = [first]
+    if len(order) > 1:
+        second = int(order[1])
+        if second != 0 and sizes[second] > 0 and sizes[second] >= cfg.second_lung_min_ratio * sizes[first]:
+            keep.append(second)
+    return keep
+
+
 def _largest_lung_components(body_air: np.ndarray, voxel_ml: float, cfg: LungMaskConfig) -> np.ndarray:
     labels, sizes, order = _components_by_size(body_air)
-    keep = [int(lab) for lab in order[:2] if sizes[lab] * voxel_ml >= cfg.min_lung_volume_ml]
-    if len(keep) == 2 and sizes[keep[1]] < cfg.second_lung_min_ratio * sizes[keep[0]]:
-        keep = keep[:1]  # e.g. stomach or colon gas next to two joined lungs
+    keep = _pick_lungs(sizes, order, voxel_ml, cfg)
     lut = np.zeros(len(sizes), dtype=bool)
     lut[keep] = True  # a lookup table is much faster than np.isin on a whole scan
     return lut[labels]
@@ -223,9 +241,7 @@ def _largest_lung_components(body_air: np.ndarray, voxel_ml: float, cfg: LungMas
 def _label_lungs(mask: np.ndarray, voxel_ml: float, cfg: LungMaskConfig) -> tuple[np.ndarray, int]:
     """Labels 1..n (n <= 2) for the lung components left after airway removal; small debris dropped."""
     labels, sizes, order = _components_by_size(mask)
-    keep = [int(lab) for lab in order[:2] if sizes[lab] * voxel_ml >= cfg.min_lung_volume_ml]
-    if len(keep) == 2 and sizes[keep[1]] < cfg.second_lung_min_ratio * sizes[keep[0]]:
-        keep = keep[:1]
+    keep = _pick_lungs(sizes, order, voxel_ml, cfg)
     lut = np.zeros(len(sizes), dtype=np.uint8)
     for new, old in enumerate(keep, start=1):
         lut[old] = new
