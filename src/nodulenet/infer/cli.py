@@ -126,6 +126,8 @@ def predict_cmd(
                                             "~/.ssh keys)."),
     accept_new_host_key: bool = typer.Option(False, "--accept-new-host-key", help="Trust and remember an SSH "
                                              "host that is not in known_hosts yet (a changed key is always refused)."),
+    known_hosts: Optional[Path] = typer.Option(None, "--known-hosts", envvar="NODULENET_KNOWN_HOSTS",
+                                               help="known_hosts file for --remote (default ~/.ssh/known_hosts)."),
 ) -> None:
     """Find, measure and outline nodules in CT scans; write nodules.json, candidates.csv, a label map,
     DICOM SEG + SR (DICOM input) and report.html per scan. Research software, not a medical device."""
@@ -164,8 +166,8 @@ def predict_cmd(
         from nodulenet.remote.ssh import predict_over_ssh
 
         run = predict_over_ssh(scans, out, target=remote, options=options, remote_python=remote_python,
-                               identity_file=identity, accept_new_host_key=accept_new_host_key, progress=True,
-                               on_result=report)
+                               identity_file=identity, accept_new_host_key=accept_new_host_key,
+                               known_hosts=known_hosts, progress=True, on_result=report)
     else:
         run = predict_scans(scans, out, options, progress=True, on_result=report)
     done = sum(r.status != "failed" for r in run.results)
