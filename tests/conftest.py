@@ -57,9 +57,7 @@ def lidc_0002_series(lidc_root: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def phantom_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Two small prepared phantom cases (seeds 1 and 3, ``phantom-00001``/``-00003``), made once per test run.
-
-    Seeds 1 and 3: about 1 in 8 small phantoms loses a lung in the lung mask (noted on issue 4)."""
+    """Two small prepared phantom cases (seeds 1 and 3, ``phantom-00001``/``-00003``), made once per test run."""
     from nodulenet.data.synthetic import prepare_phantom_cases
 
     root = tmp_path_factory.getbasetemp() / "phantom_cases"

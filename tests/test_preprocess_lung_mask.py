@@ -220,5 +220,7 @@ def test_gas_far_smaller_than_the_lungs_is_not_a_second_lung() -> None:
     assert _pick_lungs(sizes, order, 1.0, cfg) == [1]  # 0.5/3 < 1/4.8
     sizes = np.array([0, 219, 192, 5])
     assert _pick_lungs(sizes, np.argsort(sizes)[::-1], 1.0, cfg) == [1, 2]
-    sizes = np.array([0, 150, 140])  # the largest below 200 mL: no lung at all
+    sizes = np.array([0, 150, 140])  # joined lungs cut in two halves by the airway removal: 290 mL together
+    assert _pick_lungs(sizes, np.argsort(sizes)[::-1], 1.0, cfg) == [1, 2]
+    sizes = np.array([0, 150, 20])  # 150 mL of air and a bubble: no lung at all
     assert _pick_lungs(sizes, np.argsort(sizes)[::-1], 1.0, cfg) == []

@@ -40,8 +40,8 @@ class LungMaskConfig:
     threshold_hu: float = -600.0
     """Voxels below this are air (lung parenchyma is about -850 HU, soft tissue about 40 HU)."""
     min_lung_volume_ml: float = 200.0
-    """The largest air component (both lungs when they touch) must hold at least this to be a lung (published
-    volume filter: 0.2 L); the second lung is judged by ``second_lung_min_ratio`` alone."""
+    """The lungs together must hold at least this (published volume filter: 0.2 L); the second lung is judged by
+    ``second_lung_min_ratio`` alone."""
     second_lung_min_ratio: float = 1.0 / 4.8
     """A second component is the other lung when its volume is at least this fraction of the largest
     (the published code accepts two lungs whose volume ratio is below 4.8)."""

@@ -211,22 +211,25 @@ def _components_by_size(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nd
 
 
 def _pick_lungs(sizes: np.ndarray, order: np.ndarray, voxel_ml: float, cfg: LungMaskConfig) -> list[int]:
-    """The (at most two) component labels that are lungs: the largest when it holds at least
-    ``min_lung_volume_ml``, and the second largest when it holds at least ``second_lung_min_ratio`` of the largest.
+    """The (at most two) component labels that are lungs: the largest, and the second largest when it holds at
+    least ``second_lung_min_ratio`` of the largest; none when together they hold less than ``min_lung_volume_ml``.
 
-    The second lung is judged by the ratio alone, as the published code does: a small chest's lung can hold
-    less than ``min_lung_volume_ml`` (the phantoms' lungs are ~190-280 mL each, and an absolute limit on each
-    lung dropped one lung of about 1 phantom in 7, with the nodules in it), while gas in the stomach or colon
-    next to adult lungs stays far below the ratio.
+    The volume limit applies to the lungs together, as the published volume filter does, and the second lung
+    is judged by the ratio alone: a small chest's lung can hold less than ``min_lung_volume_ml`` (the phantoms'
+    lungs are ~140-280 mL each; a limit on each lung dropped one lung of about 1 phantom in 7 with the nodules in
+    it, or both when the airway removal cut joined lungs into two halves), while gas in the stomach or colon next
+    to adult lungs stays far below the ratio.
     """
     first = int(order[0]) if len(order) else 0
-    if first == 0 or sizes[first] * voxel_ml < cfg.min_lung_volume_ml:
+    if first == 0 or sizes[first] == 0:
         return []
     keep = [first]
     if len(order) > 1:
         second = int(order[1])
         if second != 0 and sizes[second] > 0 and sizes[second] >= cfg.second_lung_min_ratio * sizes[first]:
             keep.append(second)
+    if sum(int(sizes[k]) for k in keep) * voxel_ml < cfg.min_lung_volume_ml:
+        return []
     return keep
 
 
