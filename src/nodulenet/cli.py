@@ -238,6 +238,14 @@ def _register_stage_commands() -> None:
     app.command("prepare-phantoms")(prepare_phantoms_cmd)
     app.command("prepare-lidc-synthetic")(prepare_lidc_synthetic_cmd)
 
+    from nodulenet.serve.cli import serve_cmd
+
+    app.command("serve")(serve_cmd)
+
+    from nodulenet.app.cli import viewer_cmd
+
+    app.command("viewer")(viewer_cmd)
+
 
 _register_stage_commands()
 
@@ -246,10 +254,13 @@ def main() -> None:
     """Entry point of the ``nodulenet`` script."""
     from nodulenet.errors import NoduleNetError
 
+    from rich.markup import escape
+
     try:
         app()
     except NoduleNetError as err:
-        _console().print(f"[bold red]error:[/] {err}", highlight=False)
+        # escape: a message may hold brackets (paths, `pip install "nodulenet[app]"`) that rich would eat as markup.
+        _console().print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
         sys.exit(2)
 
 
