@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# Builds the demo training data and trains the demo model into runs/demo (CPU; about 1-2 hours on 1 core).
+# Builds the demo training data and trains the demo model into runs/demo (CPU; about 2-3 hours on 1 core):
+# stage 1 (configs/train_demo.yaml) into runs/demo/run, stage 2 (configs/train_demo_stage2.yaml, hard negatives)
+# from stage 1's best weights into runs/demo/run2. Ship with: python scripts/ship_demo_model.py --stage1
+# runs/demo/run --stage2 runs/demo/run2 (after benchmarks/demo_model_quality.py --weights runs/demo/run2/best.pt).
 # Usage: bash configs/train_demo.sh [LIDC_ROOT]   (LIDC_ROOT defaults to ../shared/data/LIDC-IDRI)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,3 +23,5 @@ done
 $PY -m nodulenet.train make-splits "$OUT/data/phantoms" "$OUT/data/lidc" --out "$OUT/splits" --folds 6 --seed 0
 $PY -m nodulenet.train train --config configs/train_demo.yaml --data "$OUT/data/phantoms" --data "$OUT/data/lidc" \
   --split "$OUT/splits/fold_0.json" --out "$OUT/run" --no-progress
+$PY -m nodulenet.train train --config configs/train_demo_stage2.yaml --data "$OUT/data/phantoms" --data "$OUT/data/lidc" \
+  --split "$OUT/splits/fold_0.json" --out "$OUT/run2" --init-checkpoint "$OUT/run/best.pt" --no-progress
