@@ -122,7 +122,8 @@ def test_local_detection_reports_its_stages_and_writes_a_predict_folder(viewer, 
 def test_table_rows_equal_a_direct_predict_run(viewer, direct):
     window = viewer["window"]
     proxy = window.panel.proxy
-    assert proxy.rowCount() == len(direct.findings) >= 3
+    # At least the two phantom nodules (next test); the shipped model reports no false positive on this phantom.
+    assert proxy.rowCount() == len(direct.findings) >= 2
     rows = []
     for r in range(proxy.rowCount()):
         rows.append((int(proxy.index(r, 0).data()), float(proxy.index(r, 1).data()), proxy.index(r, 2).data()))
