@@ -119,6 +119,21 @@ def _finding_summary(f: NoduleFinding) -> dict[str, Any]:
             "volume_mm3": None if f.volume_mm3 is None else round(f.volume_mm3, 1), "side": f.side}
 
 
+def output_is_complete(out_dir: Path, *, weights_sha256: str, config_sha256: str, threshold: float,
+                       version: str) -> bool:
+    """The skip rule of a rerun without ``--redo``: ``out_dir`` holds a complete export (its ``nodules.json``)
+    made by this model (weights and config digests), threshold and nodulenet version. Used for local runs and,
+    against the server's model, by ``predict --server``."""
+    if not (out_dir / "nodules.json").is_file():
+        return False
+    try:
+        previous = read_findings_json(out_dir / "nodules.json")
+    except NoduleNetError:
+        return False
+    return (previous.model.weights_sha256 == weights_sha256 and previous.model.config_sha256 == config_sha256
+            and previous.threshold == threshold and previous.nodulenet_version == version)
+
+
 class Predictor:
     """A loaded model and the settings to run it; reusable across the scans of a cohort."""
 
@@ -215,16 +230,9 @@ class Predictor:
 
     def is_complete(self, out_dir: Path) -> bool:
         """True when ``out_dir`` holds a complete export made with this model, threshold and version."""
-        if not (out_dir / "nodules.json").is_file():
-            return False
-        try:
-            previous = read_findings_json(out_dir / "nodules.json")
-        except NoduleNetError:
-            return False
-        return (previous.model.weights_sha256 == self.loaded.weights_sha256
-                and previous.model.config_sha256 == self.loaded.config_sha256
-                and previous.threshold == self.options.threshold
-                and previous.nodulenet_version == nodulenet.__version__)
+        return output_is_complete(out_dir, weights_sha256=self.loaded.weights_sha256,
+                                  config_sha256=self.loaded.config_sha256, threshold=self.options.threshold,
+                                  version=nodulenet.__version__)
 
     def predict_scan(self, item: CohortItem, out_root: Path) -> ScanResult:
         """Read, predict and export one scan into ``out_root/<name>``; errors are caught and reported."""

@@ -56,18 +56,13 @@ def _local_source_path(scan: Path) -> str:
 
 def _is_complete(folder: Path, info: dict[str, Any], threshold: float) -> bool:
     """Local predict's skip rule, against the server's model: complete output of the same model and threshold."""
-    from nodulenet.io.findings import read_findings_json
+    from nodulenet.predict_api import output_is_complete
 
-    if not (folder / "nodules.json").is_file() or not info.get("model"):
+    model = info.get("model")
+    if not model:
         return False
-    try:
-        previous = read_findings_json(folder / "nodules.json")
-    except NoduleNetError:
-        return False
-    model = info["model"]
-    return (previous.model.weights_sha256 == model["weights_sha256"]
-            and previous.model.config_sha256 == model["config_sha256"]
-            and previous.threshold == threshold and previous.nodulenet_version == info["version"])
+    return output_is_complete(folder, weights_sha256=model["weights_sha256"], config_sha256=model["config_sha256"],
+                              threshold=threshold, version=info["version"])
 
 
 def run_on_server(scans: Sequence[str | Path], out_dir: str | Path, *, url: str, token: str | None,

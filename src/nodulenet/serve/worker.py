@@ -17,7 +17,6 @@ a prediction half-way) and the supervisor starts a new one. Workers die with the
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import json
 import logging
 import multiprocessing
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from nodulenet.errors import NoduleNetError
+from nodulenet.infer.weights import file_sha256
 from nodulenet.serve.store import Job, JobStore
 
 logger = logging.getLogger("nodulenet.serve")
@@ -71,14 +71,6 @@ def setup_log(path: Path, prefix: str) -> None:
     handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix} %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
     logging.getLogger("highdicom").setLevel(logging.WARNING)  # one INFO line per copied DICOM module otherwise
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_job_result(job_dir: Path) -> dict[str, Any] | None:
@@ -215,7 +207,7 @@ def _result_payload(scan_result: Any, work: Path, job_dir: Path) -> dict[str, An
     """``job_result.json``: the scan's result (paths relative to ``result/``), its files and the run config."""
     scan_dir = Path(scan_result.out_dir)
     kinds = {Path(p).name: kind for kind, p in scan_result.details.get("files", {}).items()}
-    files = [{"name": p.name, "kind": kinds.get(p.name, "other"), "bytes": p.stat().st_size, "sha256": _sha256(p)}
+    files = [{"name": p.name, "kind": kinds.get(p.name, "other"), "bytes": p.stat().st_size, "sha256": file_sha256(p)}
              for p in sorted(scan_dir.iterdir()) if p.is_file()]
     d = scan_result.to_dict()
     d["scan"] = os.path.relpath(d["scan"], job_dir)
