@@ -34,6 +34,7 @@ from vtkmodules.qt.QVTKRenderWindowInteractor import QVTKRenderWindowInteractor 
 from vtkmodules.util.numpy_support import numpy_to_vtk, vtk_to_numpy  # noqa: E402
 from vtkmodules.vtkCommonCore import vtkPoints, vtkUnsignedCharArray  # noqa: E402
 from vtkmodules.vtkCommonDataModel import vtkCellArray, vtkImageData, vtkPolyData  # noqa: E402
+from vtkmodules.vtkCommonExecutionModel import vtkAlgorithm  # noqa: E402
 from vtkmodules.vtkCommonMath import vtkMatrix4x4  # noqa: E402
 from vtkmodules.vtkCommonTransforms import vtkTransform  # noqa: E402
 from vtkmodules.vtkFiltersCore import (  # noqa: E402
@@ -117,16 +118,7 @@ def chest_model(hu_zyx: np.ndarray, geometry: Geometry) -> ChestModel:
     matrix = index_to_world_matrix(geometry, (0, 0, 0), steps)
     lungs = ndimage.gaussian_filter(air_inside_body(coarse).astype(np.float32), 0.8)
     contour = _contour(lungs, 0.5)  # keep a reference: a filter freed under its consumer's connection crashes
-    normals = vtkPolyDataNormals()
-    normals.SetInputConnection(contour.GetOutputPort())
-    transform = vtkTransform()
-    transform.SetMatrix(matrix)
-    to_world = vtkTransformFilter()
-    to_world.SetTransform(transform)
-    to_world.SetInputConnection(normals.GetOutputPort())
-    to_world.Update()
-    surface = vtkPolyData()
-    surface.DeepCopy(to_world.GetOutput())
+    surface = _surface_in_world(contour, matrix)
     return ChestModel(lungs=surface, coarse_hu=_image_data(np.clip(coarse, -1024, 3071).astype(np.int16)),
                       coarse_to_world=matrix)
 
@@ -148,6 +140,22 @@ def air_inside_body(hu_zyx: np.ndarray) -> np.ndarray:
     if inside.any():
         inside &= sizes >= 0.02 * sizes[inside].max()
     return inside[labels]
+
+
+def _surface_in_world(source: vtkAlgorithm, index_to_world: vtkMatrix4x4) -> vtkPolyData:
+    """``source``'s surface with normals, moved by the 4x4 ``index_to_world`` matrix, as a standalone copy (the
+    pipeline can be freed; the copy can cross from a worker thread to the render thread)."""
+    normals = vtkPolyDataNormals()
+    normals.SetInputConnection(source.GetOutputPort())
+    transform = vtkTransform()
+    transform.SetMatrix(index_to_world)
+    to_world = vtkTransformFilter()
+    to_world.SetTransform(transform)
+    to_world.SetInputConnection(normals.GetOutputPort())
+    to_world.Update()
+    surface = vtkPolyData()
+    surface.DeepCopy(to_world.GetOutput())
+    return surface
 
 
 def _contour(field: np.ndarray, level: float) -> vtkFlyingEdges3D:
@@ -175,16 +183,7 @@ def nodule_meshes(findings: Sequence[NoduleFinding], geometry: Geometry) -> dict
         decimate = vtkQuadricDecimation()
         decimate.SetInputConnection(contour.GetOutputPort())
         decimate.SetTargetReduction(0.75)
-        normals = vtkPolyDataNormals()
-        normals.SetInputConnection(decimate.GetOutputPort())
-        transform = vtkTransform()
-        transform.SetMatrix(index_to_world_matrix(geometry, tuple(o - 1 for o in f.mask.offset_zyx)))
-        to_world = vtkTransformFilter()
-        to_world.SetTransform(transform)
-        to_world.SetInputConnection(normals.GetOutputPort())
-        to_world.Update()
-        mesh = vtkPolyData()
-        mesh.DeepCopy(to_world.GetOutput())
+        mesh = _surface_in_world(decimate, index_to_world_matrix(geometry, tuple(o - 1 for o in f.mask.offset_zyx)))
         rgb = np.tile(np.asarray(nodule_colour(f.id), dtype=np.uint8), (mesh.GetNumberOfPoints(), 1))
         colours = numpy_to_vtk(rgb, deep=True, array_type=vtkUnsignedCharArray().GetDataType())
         colours.SetName("colour")
