@@ -11,7 +11,6 @@ validation) and from the held-out benchmark record (``benchmarks/results/demo_mo
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,8 @@ def main() -> None:
 
     import torch
 
+    from nodulenet.infer.weights import load_model
+    from nodulenet.io.atomic import write_text_atomic
     from nodulenet.machine import machine_info
     from nodulenet.train.checkpoint_files import export_model
 
@@ -53,11 +54,11 @@ def main() -> None:
     if "prepare_config" not in (checkpoint.get("extra") or {}):
         raise SystemExit(f"{final / 'best.pt'} records no prepare_config: predict could not repeat its preprocessing")
     out = export_model(checkpoint, WEIGHTS / "demo.pt")
-    data = out.read_bytes()
-    sha = hashlib.sha256(data).hexdigest()
-    from nodulenet.infer.weights import load_model
-
-    n_params = sum(int(p.numel()) for p in load_model(out, "cpu").model.parameters())
+    # Loading the shipped file the way predict does gives its digest and proves it loads.
+    shipped = load_model(out, "cpu")
+    sha = shipped.weights_sha256
+    size_mib = out.stat().st_size / 2**20
+    n_params = sum(int(p.numel()) for p in shipped.model.parameters())
     config = json.loads((final / "config.json").read_text())
     commands = {name: json.loads((run / "config.json").read_text()).get("command", "?")
                 for name, run in (("stage 1", args.stage1), ("stage 2", args.stage2)) if run is not None}
@@ -76,7 +77,7 @@ def main() -> None:
         "",
         "| | |",
         "|---|---|",
-        f"| file | `demo.pt`, {len(data) / 2**20:.1f} MiB, sha256 `{sha}` |",
+        f"| file | `demo.pt`, {size_mib:.1f} MiB, sha256 `{sha}` |",
         f"| network | NoduleNet, quarter width (`model: {config['train']['model']}`), {n_params:,} parameters |",
         f"| weights | the best validation epoch ({best['best_epoch']}) of the last stage |",
         "| data | `bash configs/train_demo.sh` builds it: small seeded phantom chests (seeds 100-135, 4 nodules each, "
@@ -124,11 +125,8 @@ def main() -> None:
         "CC BY 3.0.",
         "",
     ]
-    card = WEIGHTS / "MODEL_CARD.md"
-    tmp = card.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(card)
-    print(f"wrote {out} ({len(data) / 2**20:.1f} MiB, sha256 {sha[:16]}...) and {card}")
+    card = write_text_atomic(WEIGHTS / "MODEL_CARD.md", "\n".join(lines))
+    print(f"wrote {out} ({size_mib:.1f} MiB, sha256 {sha[:16]}...) and {card}")
 
 
 if __name__ == "__main__":

@@ -14,14 +14,13 @@ Outputs under ``out``: ``phantoms/phantom-<seed>/`` (scan + truth), ``predict/``
 
 from __future__ import annotations
 
-import csv
-import io
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from nodulenet.io.atomic import write_text_atomic
+from nodulenet.io.luna_csv import LunaAnnotation, LunaCandidate, write_luna_annotations, write_luna_candidates
 
 # The training phantoms of the demo model have 4 nodules each (configs/train_demo.sh); held-out ones too.
 HELDOUT_NODULES_PER_PHANTOM = 4
@@ -48,14 +47,6 @@ class HeldoutResult:
         from dataclasses import asdict
 
         return asdict(self)
-
-
-def _csv(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    return buffer.getvalue()
 
 
 def evaluate_on_heldout_phantoms(out: str | Path, seeds: Sequence[int], *, weights: Path | None = None,
@@ -88,18 +79,16 @@ def evaluate_on_heldout_phantoms(out: str | Path, seeds: Sequence[int], *, weigh
                         progress=progress, predictor=predictor)
     # Each scan's folder name is its seriesuid in the LUNA16 files (predict names folders after the scan).
     names = [r.name for r in run.results]
-    candidates, nodules, candidate_rows, nodule_rows = [], [], [], []
+    candidates, nodules = [], []
     for result, nodules_of_scan in zip(run.results, truth):
         for f in result.findings:
             candidates.append(FrocCandidate(result.name, tuple(f["center_world_xyz_mm"]), float(f["score"])))
-            candidate_rows.append([result.name, *f["center_world_xyz_mm"], f["score"]])
         for n in nodules_of_scan:
             nodules.append(FrocFinding(result.name, tuple(n["center_world_xyz_mm"]), float(n["diameter_mm"])))
-            nodule_rows.append([result.name, *n["center_world_xyz_mm"], n["diameter_mm"]])
-    write_text_atomic(root / "candidates.csv",
-                      _csv(candidate_rows, ("seriesuid", "coordX", "coordY", "coordZ", "probability")))
-    write_text_atomic(root / "annotations.csv",
-                      _csv(nodule_rows, ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm")))
+    write_luna_candidates(root / "candidates.csv", [LunaCandidate(c.seriesuid, c.center_world_xyz_mm, c.probability)
+                                                    for c in candidates])
+    write_luna_annotations(root / "annotations.csv", [LunaAnnotation(n.seriesuid, n.center_world_xyz_mm,
+                                                                     n.diameter_mm) for n in nodules])
     write_text_atomic(root / "seriesuids.csv", "".join(f"{n}\n" for n in names))
     froc = compute_froc(candidates, nodules, [], names, n_bootstrap=1000, seed=0)
     write_froc_outputs(froc, root)
