@@ -14,7 +14,7 @@ import pytest
 
 from nodulenet.data import cases as cases_module
 from nodulenet.data.cases import find_case_dirs, load_case, load_cases, patient_id_for
-from nodulenet.data.nrrd_mmap import read_raw_nrrd_layout
+from nodulenet.data.nrrd_mmap import read_nrrd_array, read_raw_nrrd_layout
 from nodulenet.errors import InputError
 from nodulenet.io.image_files import read_image
 
@@ -83,7 +83,9 @@ def test_index_cache_is_used_and_equal(phantom_root: Path, tmp_path: Path, monke
     ("garbage nodules.json", "nodules.json", "changed since"),
     ("delete done.json", "done.json", "never finished"),
     ("truncate image, no sizes", "image.nrrd", "truncated"),
-    ("garbage lung mask, no sizes", "lung_mask.nrrd", "cannot read"),
+    ("garbage lung mask, no sizes", "lung_mask.nrrd", "header does not end"),
+    ("truncate lung mask, no sizes", "lung_mask.nrrd", "gzip stream ends early"),
+    ("corrupt nodule mask, no sizes", "nodule_mask.nrrd", "corrupt gzip data"),
     ("bad json, no sizes", "nodules.json", "not valid JSON"),
 ])
 def test_broken_case_is_reported_by_file_and_skipped(phantom_root: Path, tmp_path: Path, damage: str,
@@ -99,6 +101,11 @@ def test_broken_case_is_reported_by_file_and_skipped(phantom_root: Path, tmp_pat
     elif damage.startswith("truncate"):
         data = (bad / bad_file).read_bytes()
         (bad / bad_file).write_bytes(data[: len(data) - 1000])
+    elif damage.startswith("corrupt"):
+        data = bytearray((bad / bad_file).read_bytes())
+        start = data.index(b"\n\n") + 2 + 10  # past the header and the 10-byte gzip member header
+        data[start:start + 64] = bytes(64)  # zeroed deflate blocks: not a valid stream
+        (bad / bad_file).write_bytes(bytes(data))
     else:
         (bad / bad_file).write_bytes(b"NRRD0004\ngarbage" if bad_file.endswith(".nrrd") else b"{not json")
     report = load_cases(find_case_dirs([tmp_path / "cases"]))
@@ -112,6 +119,30 @@ def test_broken_case_is_reported_by_file_and_skipped(phantom_root: Path, tmp_pat
 def test_raw_nrrd_reader_refuses_compressed_files(phantom_root: Path) -> None:
     with pytest.raises(InputError, match="encoding is 'gzip'"):
         read_raw_nrrd_layout(phantom_root / "phantom-00001" / "lung_mask.nrrd")
+
+
+@pytest.mark.parametrize("name", ["lung_mask.nrrd", "nodule_mask.nrrd", "image.nrrd"])
+def test_nrrd_reader_matches_simpleitk(phantom_root: Path, name: str) -> None:
+    """The training path's own reader (zlib, no ITK) gives SimpleITK's array, dtype and shape, gzip or raw."""
+    path = phantom_root / "phantom-00001" / name
+    ours = read_nrrd_array(path)
+    reference = read_image(path).array
+    assert ours.dtype == reference.dtype and ours.shape == reference.shape
+    np.testing.assert_array_equal(ours, reference)
+    assert ours.flags.writeable  # a copy, not a view of a read-only buffer
+
+
+def test_training_path_imports_no_simpleitk() -> None:
+    """Training runs on a stock PyTorch GPU image without SimpleITK or pydicom (prepared cases need neither)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "for m in ('SimpleITK', 'pydicom', 'highdicom', 'matplotlib'): sys.modules[m] = None\n"
+            "import nodulenet.train.loop, nodulenet.train.validate, nodulenet.data.dataset, nodulenet.cli\n"
+            "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
 def test_patient_ids() -> None:

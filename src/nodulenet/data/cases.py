@@ -33,12 +33,11 @@ from scipy import ndimage
 
 from nodulenet.errors import InputError
 from nodulenet.io.atomic import atomic_path
-from nodulenet.io.image_files import read_image
 from nodulenet.io.volume import Geometry
-from nodulenet.preprocess.prepare import CASE_FILES, DONE_FILE
+from nodulenet.preprocess.config import CASE_FILES, DONE_FILE
 from nodulenet.preprocess.resample import CaseTransform
 
-from .nrrd_mmap import RawNrrdLayout, memmap_raw_nrrd, read_raw_nrrd_layout
+from .nrrd_mmap import RawNrrdLayout, memmap_raw_nrrd, read_nrrd_array, read_raw_nrrd_layout
 
 log = logging.getLogger("nodulenet.data")
 
@@ -171,10 +170,10 @@ def _check_files(case_dir: Path) -> dict[str, Any]:
 
 
 def _label_array(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
-    volume = read_image(path)  # raises InputError naming the file when it is unreadable or truncated
-    if volume.shape_zyx != shape:
-        raise InputError(path, f"shape {volume.shape_zyx} differs from image.nrrd's {shape}")
-    return volume.array
+    array = read_nrrd_array(path)  # raises InputError naming the file when it is unreadable or truncated
+    if array.shape != shape:
+        raise InputError(path, f"shape {array.shape} differs from image.nrrd's {shape}")
+    return array
 
 
 def _derived_arrays(case_dir: Path, shape: tuple[int, int, int], nodule_ids: Sequence[int],

@@ -29,6 +29,11 @@ import yaml
 from nodulenet.errors import InputError
 from nodulenet.io.config_files import apply_dotted_overrides, read_config_file
 
+# The files of a prepared case folder (written by preprocess.prepare, read by data.cases); ``done.json`` is written
+# last and records the others' sizes, so a folder without it was never finished.
+DONE_FILE = "done.json"
+CASE_FILES = ("image.nrrd", "lung_mask.nrrd", "nodule_mask.nrrd", "nodules.json", "transform.json", "config.json")
+
 CONSENSUS_METHODS = ("union", "majority")
 LUNA_MASK_METHODS = ("sphere",)
 

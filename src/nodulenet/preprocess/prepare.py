@@ -44,15 +44,13 @@ import nodulenet
 from nodulenet.io.atomic import write_json_atomic
 from nodulenet.io.image_files import write_image
 from nodulenet.io.volume import Geometry, Volume
-from nodulenet.preprocess.config import PrepareConfig
+from nodulenet.preprocess.config import CASE_FILES, DONE_FILE, PrepareConfig
 from nodulenet.preprocess.lung_mask import LungMaskResult, lung_bounding_box, segment_lungs
 from nodulenet.preprocess.normalize import apply_lung_mask, hu_to_uint8
 from nodulenet.preprocess.overlay import render_overlay
 from nodulenet.preprocess.resample import CaseTransform, resample_labels, resample_volume
 
 LUNG_LABEL_MARGIN = 3
-DONE_FILE = "done.json"
-CASE_FILES = ("image.nrrd", "lung_mask.nrrd", "nodule_mask.nrrd", "nodules.json", "transform.json", "config.json")
 
 
 @dataclass(frozen=True)

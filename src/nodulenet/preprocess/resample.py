@@ -21,20 +21,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import SimpleITK as sitk
 
 from nodulenet.io.volume import Geometry, Volume
 
-Interpolation = Literal["linear", "nearest", "bspline"]
+if TYPE_CHECKING:
+    import SimpleITK as sitk
 
-_INTERPOLATORS = {
-    "linear": sitk.sitkLinear,
-    "nearest": sitk.sitkNearestNeighbor,
-    "bspline": sitk.sitkBSpline,
-}
+# SimpleITK is imported inside the functions that resample: CaseTransform (below) is all the training path needs
+# from here, and training runs without ITK (see data/nrrd_mmap.py).
+Interpolation = Literal["linear", "nearest", "bspline"]
+_INTERPOLATORS = ("linear", "nearest", "bspline")
 
 # A small tolerance so that e.g. 132 slices * 2.5 mm / 1.0 mm = 330 is not floored to 329 by rounding error.
 _SIZE_EPS = 1e-6
@@ -81,6 +80,8 @@ def resampled_geometry(geometry: Geometry, spacing_zyx: tuple[float, float, floa
 
 def volume_to_sitk(volume: Volume) -> sitk.Image:
     """A SimpleITK image sharing the volume's geometry (SimpleITK orders index axes (x, y, z))."""
+    import SimpleITK as sitk
+
     image = sitk.GetImageFromArray(np.ascontiguousarray(volume.array))
     image.SetSpacing(volume.geometry.spacing_xyz)
     image.SetOrigin(volume.origin_xyz_mm)
@@ -102,6 +103,8 @@ def resample_volume(
     ``default_value`` fills any voxel that falls outside the input (none with the default grid; it matters
     only through rounding at the very edge).
     """
+    import SimpleITK as sitk
+
     if interpolation not in _INTERPOLATORS:
         raise ValueError(f"interpolation must be one of {sorted(_INTERPOLATORS)}, got {interpolation!r}")
     target = resampled_geometry(volume.geometry, spacing_zyx)
@@ -123,7 +126,8 @@ def resample_volume(
     resampler.SetOutputOrigin(target.origin_xyz_mm)
     resampler.SetOutputDirection(target.direction)
     resampler.SetSize([int(s) for s in target.shape_zyx[::-1]])
-    resampler.SetInterpolator(_INTERPOLATORS[interpolation])
+    resampler.SetInterpolator({"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor,
+                              "bspline": sitk.sitkBSpline}[interpolation])
     resampler.SetDefaultPixelValue(float(default_value))
     resampler.SetTransform(sitk.Transform())
     out = sitk.GetArrayFromImage(resampler.Execute(image))
