@@ -6,7 +6,10 @@ out of the rate). Memory: peak resident memory of the process (CPU; loader worke
 GPU, ``torch.cuda.max_memory_allocated`` per step; the process's peak RSS is also recorded after every step.
 
     .venv/bin/python benchmarks/train_speed.py [--quick] [--model published|tiny] [--crop 128] [--batch 2]
-        [--steps 4] [--threads 1] [--amp off|bf16]
+        [--steps 4] [--threads 1] [--amp off|bf16|fp16] [--workers 0] [--warmup 1] [--data DIR]
+
+On a GPU the loop runs there (``cuda:0``); give ``--workers`` so that augmentation (CPU) keeps up with the step,
+and ``--warmup`` a few steps so worker start-up and cuDNN's algorithm search stay out of the rate.
 """
 
 from __future__ import annotations
@@ -33,12 +36,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--amp", default="off")
+    parser.add_argument("--workers", type=int, default=0, help="data-loader worker processes (0: in-process)")
+    parser.add_argument("--warmup", type=int, default=1, help="first steps left out of the rate")
     parser.add_argument("--name", default=None, help="name of the result file (default train_speed[_quick])")
     args = parser.parse_args()
     import torch
 
-    from nodulenet.data.synthetic import prepare_phantom_cases
-    from nodulenet.preprocess.phantom import PhantomConfig
     from nodulenet.train.config import TrainConfig
     from nodulenet.train.loop import train
 
@@ -47,16 +50,21 @@ def main() -> None:
     steps = args.steps or (5 if args.quick else 4)
     torch.set_num_threads(args.threads)
     figures: dict[str, Any] = {"load_average_at_start": list(os.getloadavg()), "model": model, "crop_size": crop,
-                               "batch": args.batch, "threads": args.threads, "amp": args.amp, "steps": steps}
+                               "batch": args.batch, "threads": args.threads, "amp": args.amp, "steps": steps,
+                               "workers": args.workers, "warmup_steps": args.warmup,
+                               "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
     with tempfile.TemporaryDirectory(prefix="train_speed_") as tmp:
         root = args.data
         if root is None:
+            from nodulenet.data.synthetic import prepare_phantom_cases
+            from nodulenet.preprocess.phantom import PhantomConfig
+
             root = Path(tmp) / "cases"
             prepare_phantom_cases(root, range(2), PhantomConfig(n_nodules=4))
         cfg = TrainConfig.from_dict(dict(
             prepared_roots=[str(root)], model=model, crop={"crop_size_zyx": [crop] * 3,
                                                           "samples_per_epoch": args.batch * steps},
-            epochs=1, batch_size=args.batch, workers=0, val_every_epochs=0, rcnn_start_fraction=0.0,
+            epochs=1, batch_size=args.batch, workers=args.workers, val_every_epochs=0, rcnn_start_fraction=0.0,
             mask_start_fraction=0.0, amp=args.amp, threads=args.threads, seed=0,
         ))
         times: list[float] = []
@@ -76,7 +84,7 @@ def main() -> None:
         t0 = time.perf_counter()
         summary = train(cfg, Path(tmp) / "run", show_progress=False, on_step=on_step)
         figures["total_seconds"] = round(time.perf_counter() - t0, 1)
-    steady = times[1:] or times
+    steady = times[args.warmup:] or times
     per_step = sum(steady) / len(steady)
     figures.update(
         step_seconds=[round(t, 3) for t in times],
@@ -89,8 +97,10 @@ def main() -> None:
             cfg.model_network_config()).parameters()),
         status=summary.status,
     )
-    print(f"{model}, {crop}^3, batch {args.batch}, {args.threads} thread(s): {per_step:.2f} s/step = "
-          f"{figures['crops_per_second']} crops/s; peak RSS {figures['peak_rss_mib']} MiB")
+    gpu_peak = f"; GPU peak {max(memory):.0f} MiB" if memory else ""
+    print(f"{model}, {crop}^3, batch {args.batch}, amp {args.amp}, {args.workers} worker(s), {figures['device']}: "
+          f"{per_step:.3f} s/step = {figures['crops_per_second']} crops/s; peak RSS {figures['peak_rss_mib']} MiB"
+          f"{gpu_peak}")
     record(args.name or ("train_speed_quick" if args.quick else "train_speed"), figures)
 
 

@@ -29,6 +29,8 @@ def machine_info() -> dict[str, Any]:
         "hostname": platform.node(),
         "cpu": cpu,
         "cpu_count": os.cpu_count(),
+        # The cores this process may run on (a container's CPU set can be smaller than the machine's cores).
+        "cpu_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "memory_gib": mem_gib,
         "python": sys.version.split()[0],
         "platform": platform.platform(),

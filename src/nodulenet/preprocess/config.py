@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from nodulenet.errors import InputError
 from nodulenet.io.config_files import apply_dotted_overrides, read_config_file
