@@ -1,8 +1,8 @@
 """Detection quality of a model (default: the shipped demo model) on phantoms it never saw: LUNA16 CPM and FROC.
 
 Issue 4's target for the demo model: CPM >= 0.90 on held-out phantoms. Generates small phantom chests from seeds
-``--first-seed`` .. (the demo model trained on seeds 100..135), runs the whole ``nodulenet predict`` path on each
-NIfTI file at threshold 0.05, and scores the findings with the LUNA16 rules (``nodulenet.heldout``). Prints and
+``--first-seed`` .. (the demo model trained on seeds 100..135 and 3000..3043), runs the whole ``nodulenet predict``
+path on each NIfTI file at threshold 0.05, and scores the findings with the LUNA16 rules (``nodulenet.heldout``). Prints and
 records CPM, the sensitivities at 1/8..8 FP/scan, the counts, and the time per scan.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/demo_model_quality.py [--n 10] [--first-seed 1000]

@@ -1,7 +1,7 @@
 """How well a model finds nodules on phantoms it never saw: generate, predict end to end, LUNA16 FROC/CPM.
 
-The shipped demo model is trained on phantom seeds 100..135 (``configs/train_demo.sh``); this draws phantoms from
-other seeds (default 1000..), writes them as NIfTI files exactly as a user would hand them to ``nodulenet
+The shipped demo model is trained on phantom seeds 100..135 and 3000..3043 (``configs/train_demo.sh``); this draws
+phantoms from other seeds (default 1000..), writes them as NIfTI files exactly as a user would hand them to ``nodulenet
 predict``, runs the full predict path (read, preprocess, network, mapping back, measurements) at a low threshold
 so the FROC curve has candidates to rank, and scores the findings with the project's LUNA16 evaluation (a hit is a
 finding centre closer than the nodule's radius). Used by ``benchmarks/demo_model_quality.py`` and the ``slow``
