@@ -25,7 +25,7 @@ SMALL = PhantomConfig(shape_yx=(160, 160), spacing_yx_mm=(1.25, 1.25), extent_z_
                       slice_thickness_range_mm=(2.5, 2.5), n_nodules=2, diameter_range_mm=(10.0, 16.0),
                       flip_xyz=(True, False, True))
 SEED = 1
-THRESHOLD = 0.9  # the shipped model's findings on this phantom above 0.9: its 2 nodules and a few more
+THRESHOLD = 0.7  # not the default 0.5; the shipped model scores the 2 nodules >= 0.99 here, nothing else above 0.4
 
 
 def rgb_array(image) -> np.ndarray:
