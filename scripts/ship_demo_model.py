@@ -85,6 +85,7 @@ def ship(args: argparse.Namespace) -> None:
 
     from nodulenet.infer.weights import load_model
     from nodulenet.io.atomic import write_text_atomic
+    from nodulenet.train.calibrate import apply_logit_shift
     from nodulenet.train.checkpoint_files import export_model
 
     checkpoint = torch.load(args.weights, map_location="cpu", weights_only=False)
@@ -94,7 +95,7 @@ def ship(args: argparse.Namespace) -> None:
     operating_point = None
     if args.calibrate_cases is not None:
         operating_point = _calibrate(args.weights, args.calibrate_cases, args.fp_per_scan)
-        checkpoint["state_dict"]["rcnn_head.logit.bias"][1] -= operating_point.logit_shift
+        apply_logit_shift(checkpoint["state_dict"], operating_point.logit_shift)
         checkpoint["extra"]["operating_point"] = {**operating_point.to_dict(),
                                                   "calibration_cases_root": str(args.calibrate_cases)}
     out = export_model(checkpoint, WEIGHTS / "demo.pt")

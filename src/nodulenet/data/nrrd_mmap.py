@@ -105,7 +105,10 @@ def _describe(layout: RawNrrdLayout) -> str:
 def read_raw_nrrd_layout(path: str | Path) -> RawNrrdLayout:
     """Parse the header of ``path`` and check that the file holds all the voxels it announces."""
     path = Path(path)
-    fields, data_offset, size = _read_header(path)
+    return _raw_layout(path, *_read_header(path))
+
+
+def _raw_layout(path: Path, fields: dict[str, str], data_offset: int, size: int) -> RawNrrdLayout:
     encoding = fields.get("encoding", "").lower()
     if encoding != "raw":
         raise InputError(path, f"NRRD encoding is {encoding or 'missing'!r}, expected 'raw' (uncompressed, "
@@ -123,10 +126,10 @@ def read_raw_nrrd_layout(path: str | Path) -> RawNrrdLayout:
 def read_nrrd_array(path: str | Path) -> np.ndarray:
     """The whole ``(z, y, x)`` array of a raw or gzip-encoded NRRD file as ``prepare_case`` writes them."""
     path = Path(path)
-    fields, data_offset, _ = _read_header(path)
+    fields, data_offset, size = _read_header(path)
     encoding = fields.get("encoding", "").lower()
     if encoding == "raw":
-        return np.array(memmap_raw_nrrd(read_raw_nrrd_layout(path)))
+        return np.array(memmap_raw_nrrd(_raw_layout(path, fields, data_offset, size)))
     if encoding not in ("gzip", "gz"):
         raise InputError(path, f"NRRD encoding {encoding or 'missing'!r} is not supported (raw or gzip)")
     layout = _layout(path, fields, 0)

@@ -71,10 +71,12 @@ def shift_for_rate(fp_scores: np.ndarray, n_scans: int, fp_per_scan: float) -> f
     return max(0.0, float((upper + logits[keep]) / 2.0))
 
 
-def apply_logit_shift(model: NoduleNet, delta: float) -> None:
-    """Subtract ``delta`` from the nodule logit's bias (class 1 of the RCNN head), in place."""
+def apply_logit_shift(target: NoduleNet | dict[str, torch.Tensor], delta: float) -> None:
+    """Subtract ``delta`` from the nodule logit's bias (class 1 of the RCNN head), in place, in a model or in a
+    checkpoint's ``state_dict``."""
+    bias = target["rcnn_head.logit.bias"] if isinstance(target, dict) else target.rcnn_head.logit.bias
     with torch.no_grad():
-        model.rcnn_head.logit.bias[1] -= float(delta)
+        bias[1] -= float(delta)
 
 
 def _counts(entries: Any, threshold_logit: float) -> tuple[int, int]:
