@@ -56,6 +56,16 @@ def require_sshd() -> tuple[str, str]:
     return sshd, keygen  # type: ignore[return-value]
 
 
+def isolate_ssh_client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh ``$HOME`` (so no ~/.ssh of the machine is read), no SSH agent and no known_hosts override."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+    monkeypatch.delenv("NODULENET_KNOWN_HOSTS", raising=False)
+    return home
+
+
 def generate_key(path: Path, comment: str = "nodulenet-test") -> Path:
     """A passphrase-less ed25519 key pair ``path`` + ``path.pub``; returns the private key path."""
     _, keygen = require_sshd()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from _sshd import generate_key, known_hosts_line, running_sshd
+from _sshd import generate_key, isolate_ssh_client, known_hosts_line, running_sshd
 from nodulenet.errors import InputError
 from nodulenet.remote.connection import (AuthError, HostKeyError, RemoteError, connect, default_known_hosts,
                                          parse_target)
@@ -24,12 +24,7 @@ pytestmark = pytest.mark.timeout(60)
 
 @pytest.fixture(autouse=True)
 def isolated_home(tmp_path, monkeypatch):
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
-    monkeypatch.delenv("NODULENET_KNOWN_HOSTS", raising=False)
-    return home
+    return isolate_ssh_client(tmp_path, monkeypatch)
 
 
 @pytest.fixture(scope="module")

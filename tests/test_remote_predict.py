@@ -19,7 +19,7 @@ import numpy as np
 import psutil
 import pytest
 
-from _sshd import running_sshd
+from _sshd import isolate_ssh_client, running_sshd
 from nodulenet.infer.cohort import Shard
 from nodulenet.io.findings import ScanFindings
 from nodulenet.io.image_files import read_image
@@ -39,11 +39,7 @@ OPTIONS = PredictOptions(threshold=0.9, threads=1)
 
 @pytest.fixture(autouse=True)
 def isolated_home(tmp_path, monkeypatch):
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
-    return home
+    return isolate_ssh_client(tmp_path, monkeypatch)
 
 
 @pytest.fixture(scope="module")
