@@ -444,7 +444,8 @@ def read_dicom_series(folder: str | Path, series_instance_uid: str | None = None
     ``frame_of_reference_uid``, ``sop_class_uid``, ``patient_id``, ``patient_name``, ``study_date``,
     ``manufacturer``, ... see ``_SERIES_ATTRIBUTES``; None where the tag is absent), and per slice in the
     array's z order: ``sop_instance_uids``, ``slice_positions_mm`` (world z of ImagePositionPatient),
-    ``source_files``. Also ``image_type``, ``padding_hu`` (PixelPaddingValue in HU, or None) and
+    ``instance_numbers`` and ``slice_locations_mm`` (InstanceNumber / SliceLocation as written, None where
+    absent), ``source_files``. Also ``image_type``, ``padding_hu`` (PixelPaddingValue in HU, or None) and
     ``warnings`` (what was tolerated, e.g. uneven spacing).
     """
     folder = _check_folder(folder)
@@ -495,6 +496,9 @@ def read_dicom_series(folder: str | Path, series_instance_uid: str | None = None
     meta["image_type"] = list(_image_type(header))
     meta["sop_instance_uids"] = [str(s.header.get("SOPInstanceUID", "")) for s in slices]
     meta["slice_positions_mm"] = [float(s.position_xyz[2]) for s in slices]
+    # What a PACS shows for each slice (readers navigate by these, not by array index); None where absent.
+    meta["instance_numbers"] = [_meta_value(s.header.get("InstanceNumber")) for s in slices]
+    meta["slice_locations_mm"] = [_meta_value(s.header.get("SliceLocation")) for s in slices]
     meta["source_files"] = [str(s.path) for s in slices]
     meta["padding_hu"] = _padding_hu(header, first_slope, first_intercept)
     meta["warnings"] = warnings
