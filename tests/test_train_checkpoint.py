@@ -71,9 +71,9 @@ def test_damaged_or_weights_only_files_are_named(tmp_path: Path) -> None:
     save_checkpoint(small_checkpoint(3), path)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(InputError, match="last.pt: cannot read the checkpoint"):
+    with pytest.raises(InputError, match="last.pt: not a PyTorch checkpoint file"):
         load_checkpoint(path)
-    with pytest.raises(InputError, match="checkpoint not found"):
+    with pytest.raises(InputError, match="nope.pt: checkpoint file does not exist"):
         load_checkpoint(tmp_path / "nope.pt")
     exported = export_model(small_checkpoint(4), tmp_path / "model.pt")
     slim = load_checkpoint(exported)

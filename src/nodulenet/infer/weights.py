@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from nodulenet.errors import InputError, NoduleNetError
+from nodulenet.io.checkpoint_file import read_checkpoint_file
 from nodulenet.preprocess.config import PrepareConfig
 
 SHIPPED_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
@@ -83,29 +84,6 @@ def config_sha256(config_dict: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(dict(config_dict), sort_keys=True).encode()).hexdigest()
 
 
-def _read_checkpoint(path: Path) -> Mapping[str, Any]:
-    import pickle
-
-    import torch
-
-    if not path.exists():
-        raise InputError(path, "weights file does not exist")
-    if path.is_dir():
-        raise InputError(path, "is a folder; --weights takes a checkpoint file (e.g. model.pt)")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        # weights_only refuses pickled objects; say so instead of printing torch's long advice.
-        raise InputError(path, f"not a plain checkpoint (it holds pickled Python objects, refused for safety: "
-                               f"{str(exc).splitlines()[0][:200]})") from None
-    except Exception as exc:  # noqa: BLE001 - torch raises anything from IndexError to RuntimeError on garbage
-        first_line = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
-        raise InputError(path, f"not a PyTorch checkpoint file ({first_line})") from None
-    if not isinstance(obj, Mapping):
-        raise InputError(path, f"not a NoduleNet checkpoint (it holds a {type(obj).__name__}, not a dict)")
-    return obj
-
-
 def prepare_config_from_extra(extra: Mapping[str, Any], path: Path) -> PrepareConfig | None:
     """The :class:`PrepareConfig` a checkpoint records, or None when it records none."""
     for key in PREPARE_CONFIG_KEYS:
@@ -133,7 +111,7 @@ def load_model(weights: str | Path | None = None, device: str = "cpu", *,
 
     shipped = weights is None
     path = shipped_weights_path(weights_dir) if shipped else Path(weights)  # type: ignore[arg-type]
-    obj = _read_checkpoint(path)
+    obj = read_checkpoint_file(path)
     try:
         loaded = model_from_checkpoint_dict(obj)
     except CheckpointMismatchError as exc:

@@ -25,6 +25,8 @@ import torch
 
 from nodulenet.errors import InputError, NoduleNetError
 from nodulenet.io.atomic import atomic_path
+# The one checkpoint reader (predict --weights reads files through it too), under the name training code uses.
+from nodulenet.io.checkpoint_file import read_checkpoint_file as load_checkpoint  # noqa: F401 - re-export
 from nodulenet.model.checkpoint import to_checkpoint_dict
 from nodulenet.model.config import NoduleNetConfig
 
@@ -89,20 +91,6 @@ def save_checkpoint(obj: dict[str, Any], path: str | Path) -> Path:
             f"{path}: could not write the checkpoint ({exc.strerror or exc}); the previous {path.name}, if any, "
             "is intact") from exc
     return path
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint file (CPU tensors); :class:`InputError` naming the file when it cannot be used."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "checkpoint not found")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for damaged files; report them as one
-        raise InputError(path, f"cannot read the checkpoint ({type(exc).__name__}: {exc})") from None
-    if not isinstance(obj, dict):
-        raise InputError(path, "not a checkpoint (not a dict)")
-    return obj
 
 
 def resume_parts(obj: dict[str, Any], path: str | Path) -> tuple[TrainState, dict[str, Any]]:
