@@ -17,7 +17,6 @@ anything else raises :class:`~nodulenet.errors.InputError` naming the file, so a
 
 from __future__ import annotations
 
-import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,20 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from nodulenet.errors import InputError
+from nodulenet.io.header_text import NRRD_DTYPES, parse_nrrd_header, read_head
 
 _HEADER_LIMIT = 64 * 1024  # a header longer than this is not one prepare_case wrote
-
-_NRRD_DTYPES: dict[str, str] = {
-    **dict.fromkeys(["uchar", "unsigned char", "uint8", "uint8_t"], "u1"),
-    **dict.fromkeys(["signed char", "int8", "int8_t"], "i1"),
-    **dict.fromkeys(["short", "short int", "signed short", "signed short int", "int16", "int16_t"], "i2"),
-    **dict.fromkeys(["ushort", "unsigned short", "unsigned short int", "uint16", "uint16_t"], "u2"),
-    **dict.fromkeys(["int", "signed int", "int32", "int32_t"], "i4"),
-    **dict.fromkeys(["uint", "unsigned int", "uint32", "uint32_t"], "u4"),
-    "float": "f4",
-    "double": "f8",
-}
-
 
 @dataclass(frozen=True)
 class RawNrrdLayout:
@@ -56,27 +44,16 @@ class RawNrrdLayout:
 
 def _read_header(path: Path) -> tuple[dict[str, str], int, int]:
     """(lower-cased header fields, byte offset of the data, file size) of the NRRD file ``path``."""
+    header = parse_nrrd_header(read_head(path, _HEADER_LIMIT), path)
     try:
-        with open(path, "rb") as f:
-            head = f.read(_HEADER_LIMIT)
         size = path.stat().st_size
     except OSError as exc:
         raise InputError(path, f"cannot read ({exc.strerror or exc})") from None
-    if not head.startswith(b"NRRD"):
-        raise InputError(path, "not a NRRD file (no NRRD magic at the start)")
-    end = re.search(rb"\r?\n\r?\n", head)
-    if end is None:
+    if header.data_offset is None:
         raise InputError(path, "NRRD header does not end (no empty line in the first 64 KiB): file truncated?")
-    fields: dict[str, str] = {}
-    for line in head[: end.start()].decode("latin-1").splitlines()[1:]:
-        if not line or line.startswith("#") or ":=" in line:
-            continue  # comments and key/value pairs (NRRD "key:=value") carry no layout
-        key, sep, value = line.partition(":")
-        if sep:
-            fields[key.strip().lower()] = value.strip()
-    if "data file" in fields or "datafile" in fields:
+    if header.data_file is not None:
         raise InputError(path, "detached NRRD data files are not supported here (prepare_case attaches the data)")
-    return fields, end.end(), size
+    return header.fields, header.data_offset, size
 
 
 def _layout(path: Path, fields: dict[str, str], data_offset: int) -> RawNrrdLayout:
@@ -89,9 +66,9 @@ def _layout(path: Path, fields: dict[str, str], data_offset: int) -> RawNrrdLayo
         raise InputError(path, f"NRRD header lacks a valid {exc} field") from None
     if dimension != 3 or len(sizes) != 3 or min(sizes) < 1:
         raise InputError(path, f"expected a 3-D image, header says dimension {dimension}, sizes {sizes}")
-    if type_name not in _NRRD_DTYPES:
+    if type_name not in NRRD_DTYPES:
         raise InputError(path, f"unsupported NRRD voxel type {type_name!r}")
-    code = _NRRD_DTYPES[type_name]
+    code = NRRD_DTYPES[type_name]
     if np.dtype(code).itemsize > 1:
         endian = fields.get("endian", "little").lower()
         code = ("<" if endian == "little" else ">") + code

@@ -36,6 +36,8 @@ import SimpleITK as sitk
 
 from nodulenet.errors import InputError
 from nodulenet.io.atomic import atomic_path
+from nodulenet.io.header_text import (metaimage_element_bytes, nrrd_element_bytes, parse_metaimage_header,
+                                      parse_nrrd_header, read_head)
 from nodulenet.io.volume import Volume
 
 # suffix -> format name; longest suffixes first so ".nii.gz" wins over ".gz".
@@ -51,23 +53,6 @@ WRITABLE_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii", ".nrrd", ".mhd", ".mha"
 
 # LUNA16 names each .mhd after its SeriesInstanceUID; recognise such names so annotations can be matched.
 _UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)+$")
-
-# Bytes per element for the pre-read size checks (unknown types skip the check; ITK then decides).
-_META_ELEMENT_BYTES = {
-    "MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
-    "MET_LONG": 4, "MET_ULONG": 4, "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4, "MET_DOUBLE": 8,
-}
-_NRRD_TYPE_BYTES = {
-    **dict.fromkeys(["signed char", "int8", "int8_t", "uchar", "unsigned char", "uint8", "uint8_t"], 1),
-    **dict.fromkeys(["short", "short int", "signed short", "signed short int", "int16", "int16_t", "ushort",
-                     "unsigned short", "unsigned short int", "uint16", "uint16_t"], 2),
-    **dict.fromkeys(["int", "signed int", "int32", "int32_t", "uint", "unsigned int", "uint32", "uint32_t",
-                     "float"], 4),
-    **dict.fromkeys(["longlong", "long long", "long long int", "signed long long", "signed long long int",
-                     "int64", "int64_t", "ulonglong", "unsigned long long", "unsigned long long int",
-                     "uint64", "uint64_t", "double"], 8),
-}
-
 
 def image_format(path: str | Path) -> tuple[str, str] | None:
     """``(suffix, format)`` for a supported image file name (case-insensitive), else None."""
@@ -86,37 +71,24 @@ def _truncated(path: Path, expected: int, actual: int, what: str = "image data")
                             f"{what} but only {actual} are there")
 
 
-def _parse_key_values(text: str, sep: str) -> dict[str, str]:
-    fields: dict[str, str] = {}
-    for line in text.splitlines():
-        if sep in line and not line.startswith("#"):
-            key, value = line.split(sep, 1)
-            fields[key.strip().lower()] = value.strip()
-    return fields
-
-
 def _check_metaimage(path: Path) -> None:
     """Data file present and as long as DimSize x ElementType says (ITK's own error is misleading)."""
-    with open(path, "rb") as f:
-        head = f.read(64 * 1024)
-    marker = re.search(rb"ElementDataFile\s*=\s*([^\r\n]*)\r?\n?", head)
-    if marker is None:
-        raise InputError(path, "not a MetaImage header: no ElementDataFile line")
-    fields = _parse_key_values(head[: marker.end()].decode("latin-1"), "=")
-    data_name = marker.group(1).decode("latin-1").strip()
-    local = data_name.upper() == "LOCAL"
-    if not local and (data_name.upper().startswith("LIST") or " " in data_name or "%" in data_name):
+    header = parse_metaimage_header(read_head(path), path)
+    fields, data_name = header.fields, header.data_file
+    if not header.local and (data_name.upper().startswith("LIST") or " " in data_name or "%" in data_name):
         return  # slice lists / patterns: leave them to ITK
-    data_path = path if local else path.parent / data_name
+    data_path = path if header.local else path.parent / data_name
     if not data_path.is_file():
         raise InputError(path, f"its data file {data_path} (ElementDataFile = {data_name}) does not exist")
-    available = data_path.stat().st_size - (marker.end() if local else 0)
+    available = data_path.stat().st_size - (header.header_end if header.local else 0)
+    element = metaimage_element_bytes(fields.get("elementtype", ""))
     try:
         dims = [int(v) for v in fields.get("dimsize", "").split()]
         channels = int(fields.get("elementnumberofchannels", "1"))
-        element = _META_ELEMENT_BYTES[fields.get("elementtype", "").upper()]
         header_size = int(fields.get("headersize", "0"))
-    except (ValueError, KeyError):
+    except ValueError:
+        return
+    if element is None:
         return
     if fields.get("compresseddata", "false").lower() == "true":
         size = fields.get("compresseddatasize")
@@ -191,14 +163,9 @@ def _check_nifti(path: Path, gz: bool) -> None:
 
 def _check_nrrd(path: Path) -> None:
     """For raw-encoded NRRD, the data (attached or in ``data file``) must be as long as the header says."""
-    with open(path, "rb") as f:
-        head = f.read(64 * 1024)
-    if not head.startswith(b"NRRD"):
-        raise InputError(path, "not a NRRD file (no NRRD magic)")
-    end = re.search(rb"\r?\n\r?\n", head)
-    header_end = end.end() if end else len(head)
-    fields = _parse_key_values(head[:header_end].decode("latin-1"), ":")
-    data_name = fields.get("data file", fields.get("datafile"))
+    head = read_head(path)
+    header = parse_nrrd_header(head, path)
+    fields, data_name = header.fields, header.data_file
     if data_name is not None:
         if data_name.upper().startswith("LIST") or " " in data_name:
             return
@@ -207,14 +174,17 @@ def _check_nrrd(path: Path) -> None:
             raise InputError(path, f"its data file {data_path} does not exist")
         available = data_path.stat().st_size
     else:
+        header_end = header.data_offset if header.data_offset is not None else len(head)
         data_path, available = path, path.stat().st_size - header_end
     if fields.get("encoding", "").lower() != "raw":
         return  # compressed encodings: the decompressor reports truncation itself
+    element = nrrd_element_bytes(fields.get("type", ""))
     try:
         sizes = [int(v) for v in fields["sizes"].split()]
-        element = _NRRD_TYPE_BYTES[fields["type"].lower()]
         byte_skip = int(fields.get("byte skip", fields.get("byteskip", "0")))
     except (KeyError, ValueError):
+        return
+    if element is None:
         return
     expected = int(np.prod(sizes)) * element + max(byte_skip, 0)
     if available < expected:

@@ -32,6 +32,7 @@ import httpx
 
 import nodulenet
 from nodulenet.errors import InputError, NoduleNetError
+from nodulenet.io.header_text import parse_metaimage_header, read_head
 
 ProgressCallback = Callable[[int, int], None]  # (bytes sent, total bytes)
 JobCallback = Callable[[dict[str, Any]], None]  # the job's JSON at every poll
@@ -106,13 +107,8 @@ class UploadPlan:
 
 def _metaimage_data(path: Path) -> str | None:
     """The ElementDataFile of a MetaImage header (None for LOCAL)."""
-    with open(path, "rb") as f:
-        head = f.read(64 * 1024).decode("latin-1")
-    marker = re.search(r"^\s*ElementDataFile\s*=\s*(.*?)\s*$", head, re.M)
-    if marker is None:
-        raise InputError(path, "not a MetaImage header: no ElementDataFile line")
-    target = marker.group(1)
-    return None if target.upper() == "LOCAL" else target
+    header = parse_metaimage_header(read_head(path), path)
+    return None if header.local else header.data_file
 
 
 def _is_dicom_file(path: Path) -> bool:

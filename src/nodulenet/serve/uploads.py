@@ -36,6 +36,9 @@ from typing import Any
 
 from python_multipart.multipart import MultipartParser, parse_options_header
 
+from nodulenet.errors import InputError
+from nodulenet.io.header_text import parse_metaimage_header
+
 ACCEPTED = ".zip (a DICOM series or one image), .nii, .nii.gz, .nrrd, .mha, or .mhd with its .raw/.zraw"
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 DATA_SUFFIXES = (".raw", ".zraw")
@@ -309,14 +312,14 @@ def _check_image_content(path: Path, shown: str) -> str:
 
 def _check_metaimage_reference(path: Path, head: bytes, shown: str) -> None:
     """A MetaImage header's data must be in the file itself (``LOCAL``) or a plain file name beside it."""
-    marker = re.search(rb"^\s*ElementDataFile\s*=\s*([^\r\n]*)", head, re.M)
-    if marker is None:
-        raise UploadError(415, f"{shown}: not a MetaImage header (no ElementDataFile line)")
-    target = marker.group(1).decode("latin-1").strip()
-    if target.upper() == "LOCAL":
+    try:
+        header = parse_metaimage_header(head, shown)
+    except InputError:
+        raise UploadError(415, f"{shown}: not a MetaImage header (no ElementDataFile line)") from None
+    if header.local:
         return
-    if (not target or "/" in target or "\\" in target or target in (".", "..") or target.upper().startswith("LIST")
-            or "%" in target or " " in target):
+    target = header.data_file
+    if not header.plain_file_name:
         raise UploadError(400, f"{shown}: ElementDataFile = {target!r} must be LOCAL or the plain name of a data "
                                "file uploaded beside the header")
     data = path.parent / target
