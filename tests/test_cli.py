@@ -34,6 +34,17 @@ def test_bad_input_is_one_line_naming_the_file(tmp_path: Path):
     assert res.returncode == 2 and "no_such_setting" in res.stderr and "Traceback" not in res.stderr
 
 
+def test_unreadable_set_value_is_one_error_line_in_every_command(tmp_path: Path):
+    # prepare-lidc once let a yaml.parser.ParserError traceback through; train had its own parser.
+    for args in (("prepare-lidc", str(tmp_path), str(tmp_path / "out")), ("train", "--out", str(tmp_path / "run"))):
+        res = run_cli(*args, "--set", "lung.dilation_mm=[")
+        assert res.returncode == 2, res.stderr
+        message = " ".join(res.stderr.split())  # the console may wrap a long line
+        assert message.startswith("error: --set lung.dilation_mm: cannot read the value '[' as YAML"), res.stderr
+        assert "Traceback" not in res.stderr and "^" not in res.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "run").exists()
+
+
 def test_evaluate_froc_counts_a_perfect_half(tmp_path: Path, luna_root: Path):
     # Candidates on the first 100 official nodules (probability 1): sensitivity 100/1186 at every FP rate.
     ann = list(csv.DictReader(open(luna_root / "annotations.csv")))

@@ -200,7 +200,7 @@ def test_config_round_trips_through_json_and_rejects_typos() -> None:
     cfg = small_config(fpn=True, fpn_strides=(4, 8, 16), mask_test_nms_iou=None)
     again = NoduleNetConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert again == cfg
-    with pytest.raises(ValueError, match="unknown NoduleNetConfig keys"):
+    with pytest.raises(ValueError, match="unknown NoduleNetConfig key"):
         NoduleNetConfig.from_dict({"anchor_size": [5, 10]})
     with pytest.raises(ValueError, match="backbone_channels"):
         NoduleNetConfig(backbone_channels=(24, 32))

@@ -55,7 +55,7 @@ def test_config_file_overrides_and_errors(tmp_path: Path) -> None:
         load_train_config(f)
     with pytest.raises(InputError, match="sum to 1"):
         TrainConfig().with_overrides({"crop.positive_fraction": 0.5})
-    with pytest.raises(InputError, match="unknown NoduleNetConfig keys"):
+    with pytest.raises(InputError, match="unknown NoduleNetConfig key"):
         TrainConfig().with_overrides({"model_config.no_such_field": 1})
     with pytest.raises(ValueError, match="mask_start_fraction"):
         TrainConfig(rcnn_start_fraction=0.6, mask_start_fraction=0.4)

@@ -117,18 +117,9 @@ def import_checkpoint_cmd(
 
 
 def _parse_overrides(pairs: list[str]) -> dict:
-    """``--set lung.dilation_mm=5`` pairs -> {"lung.dilation_mm": 5}; values parsed as YAML scalars."""
-    import yaml
+    from nodulenet.io.config_files import parse_overrides
 
-    from nodulenet.errors import InputError
-
-    overrides = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise InputError(None, f"--set expects KEY=VALUE, got {pair!r}")
-        overrides[key.strip()] = yaml.safe_load(value)
-    return overrides
+    return parse_overrides(pairs)
 
 
 _SET_HELP = "Override one setting, e.g. --set min_readers=2 --set lung.dilation_mm=5 (repeatable)."

@@ -11,19 +11,12 @@ rotation in the axial plane, scaling 0.75-1.25; pad value 170.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from nodulenet.settings_dict import settings_from_dict, settings_to_dict
+
 CROP_KINDS = ("positive", "random", "lung", "hard_negative")
-
-
-def _plain(value: Any) -> Any:
-    return [_plain(v) for v in value] if isinstance(value, tuple) else value
-
-
-def _tupled(value: Any) -> Any:
-    return tuple(_tupled(v) for v in value) if isinstance(value, list) else value
 
 
 @dataclass(frozen=True)
@@ -69,11 +62,11 @@ class CropConfig:
                 "hard_negative": self.hard_negative_fraction}
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return settings_to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CropConfig:
-        return cls(**{k: _tupled(v) for k, v in d.items()})
+        return settings_from_dict(cls, d, "crop setting", prefix="crop.")
 
 
 @dataclass(frozen=True)
@@ -112,8 +105,8 @@ class AugmentConfig:
             raise ValueError("invalid augmentation settings: " + "; ".join(problems))
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return settings_to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AugmentConfig:
-        return cls(**{k: _tupled(v) for k, v in d.items()})
+        return settings_from_dict(cls, d, "augmentation setting", prefix="augment.")

@@ -56,3 +56,22 @@ def apply_dotted_overrides(
             raise InputError(None, f"unknown {what} setting {key!r}")
         target[parts[-1]] = value
     return settings
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` of one ``--set``; the value is read as YAML (numbers, lists, null, true). Errors are one line."""
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise InputError(None, f"--set expects KEY=VALUE, got {text!r}")
+    try:
+        return key, yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        # PyYAML's message spans several lines with a caret drawing; its `problem` is the one that matters.
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise InputError(None, f"--set {key}: cannot read the value {value!r} as YAML ({problem})") from None
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """Repeated ``--set KEY=VALUE`` options as ``{"lung.dilation_mm": 5, ...}`` (a later KEY wins)."""
+    return dict(parse_override(pair) for pair in pairs)

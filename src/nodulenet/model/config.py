@@ -20,6 +20,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from nodulenet.settings_dict import settings_from_dict, settings_to_dict
+
 from .anchors import assign_anchor_sizes_to_levels
 
 # Order of the backbone channel tuple: preBlock, forw1, forw2 (=out2, stride 4), forw3, forw4, back3, back2 (=comb2).
@@ -164,28 +166,12 @@ class NoduleNetConfig:
     # ---- (de)serialisation ----
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict (tuples as lists)."""
-
-        def plain(v: Any) -> Any:
-            if isinstance(v, tuple):
-                return [plain(x) for x in v]
-            return v
-
-        return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return settings_to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> NoduleNetConfig:
         """Inverse of :meth:`to_dict`; missing keys take the published default, unknown keys are an error."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown NoduleNetConfig keys: {unknown}")
-
-        def tup(v: Any) -> Any:
-            if isinstance(v, list):
-                return tuple(tup(x) for x in v)
-            return v
-
-        return cls(**{k: tup(v) for k, v in d.items()})
+        return settings_from_dict(cls, d, "NoduleNetConfig key")
 
 
 def published_config() -> NoduleNetConfig:

@@ -20,13 +20,14 @@ prepared case stores in ``config.json``.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 
 from nodulenet.errors import InputError
 from nodulenet.io.config_files import apply_dotted_overrides, read_config_file
+from nodulenet.settings_dict import settings_from_dict, settings_to_dict
 
 # The files of a prepared case folder (written by preprocess.prepare, read by data.cases); ``done.json`` is written
 # last and records the others' sizes, so a folder without it was never finished.
@@ -108,29 +109,17 @@ class PrepareConfig:
             raise ValueError(f"luna_nodule_mask must be one of {LUNA_MASK_METHODS}, got {self.luna_nodule_mask!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["spacing_zyx_mm"] = list(self.spacing_zyx_mm)
-        return d
+        return settings_to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str | Path | None = None) -> "PrepareConfig":
         """Build from a (possibly partial) dict; unknown keys are an error so typos do not pass silently."""
         if not isinstance(d, dict):
             raise InputError(source, f"a prepare config must be a mapping, got {type(d).__name__}")
-        _reject_unknown(d, cls, source, prefix="")
-        kwargs: dict[str, Any] = {k: v for k, v in d.items() if k != "lung"}
-        if "spacing_zyx_mm" in kwargs:
-            spacing = kwargs["spacing_zyx_mm"]
-            # A single number means isotropic voxels.
-            kwargs["spacing_zyx_mm"] = (spacing,) * 3 if isinstance(spacing, (int, float)) else tuple(spacing)
-        lung = d.get("lung", {}) or {}
-        if not isinstance(lung, dict):
-            raise InputError(source, "'lung' must be a mapping of lung-mask settings")
-        _reject_unknown(lung, LungMaskConfig, source, prefix="lung.")
-        try:
-            return cls(**kwargs, lung=LungMaskConfig(**lung))
-        except (TypeError, ValueError) as exc:
-            raise InputError(source, f"invalid prepare config: {exc}") from exc
+        spacing = d.get("spacing_zyx_mm")
+        if isinstance(spacing, (int, float)):  # a single number means isotropic voxels
+            d = {**d, "spacing_zyx_mm": (spacing,) * 3}
+        return settings_from_dict(cls, d, "prepare setting", source)
 
     def with_overrides(self, overrides: dict[str, Any]) -> "PrepareConfig":
         """Return a copy with dotted keys replaced, e.g. ``{"min_readers": 2, "lung.dilation_mm": 5}``."""
@@ -139,17 +128,6 @@ class PrepareConfig:
 
     def replace(self, **changes: Any) -> "PrepareConfig":
         return replace(self, **changes)
-
-
-def _reject_unknown(d: dict[str, Any], cls: type, source: str | Path | None, prefix: str) -> None:
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise InputError(
-            source,
-            f"unknown prepare setting(s) {', '.join(prefix + u for u in unknown)}; "
-            f"known: {', '.join(prefix + k for k in sorted(known))}",
-        )
 
 
 def load_prepare_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> PrepareConfig:

@@ -20,13 +20,9 @@ _SET_HELP = "Override any setting, e.g. --set crop.positive_fraction=0.7 --set a
 
 
 def _overrides(pairs: list[str], **named: Any) -> dict[str, Any]:
-    from nodulenet.train.config import parse_override
+    from nodulenet.io.config_files import parse_overrides
 
-    out = {key: value for key, value in named.items() if value is not None}
-    for pair in pairs:
-        key, value = parse_override(pair)
-        out[key] = value
-    return out
+    return {**{key: value for key, value in named.items() if value is not None}, **parse_overrides(pairs)}
 
 
 def train_cmd(

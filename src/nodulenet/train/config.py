@@ -13,18 +13,16 @@ Every run writes the resolved config as JSON next to its outputs.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from nodulenet.data.config import AugmentConfig, CropConfig
 from nodulenet.errors import InputError
-from nodulenet.io.config_files import apply_dotted_overrides, read_config_file
+from nodulenet.io.config_files import apply_dotted_overrides, parse_override, read_config_file  # noqa: F401
 from nodulenet.model.config import NoduleNetConfig, published_config, tiny_config
+from nodulenet.settings_dict import settings_from_dict, settings_to_dict
 
 OPTIMIZERS = ("sgd", "adamw")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
@@ -126,69 +124,25 @@ class TrainConfig:
         return NoduleNetConfig.from_dict({**base.to_dict(), **self.model_config})
 
     def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, (CropConfig, AugmentConfig)):
-                value = value.to_dict()
-            elif isinstance(value, tuple):
-                value = list(value)
-            elif isinstance(value, dict):
-                value = json.loads(json.dumps(value))
-            d[f.name] = value
-        return d
+        return settings_to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str | Path | None = None) -> TrainConfig:
         if not isinstance(d, dict):
             raise InputError(source, f"a training config must be a mapping, got {type(d).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise InputError(source, f"unknown training setting(s) {unknown}; known: {sorted(known)}")
         kwargs = dict(d)
         if kwargs.get("amp") is False:  # YAML 1.1 reads a bare `off` as false
             kwargs["amp"] = "off"
-        try:
-            for name, kind in (("crop", CropConfig), ("augment", AugmentConfig)):
-                if name in kwargs:
-                    sub = kwargs[name] or {}
-                    _reject_unknown(sub, kind, source, name)
-                    kwargs[name] = kind.from_dict(sub)
-            for name in ("prepared_roots", "train_cases", "val_cases", "lr_milestones"):
-                if kwargs.get(name) is not None:
-                    value = kwargs[name]
-                    kwargs[name] = (value,) if isinstance(value, str) else tuple(value)
-            return cls(**kwargs)
-        except (TypeError, ValueError) as exc:
-            if isinstance(exc, InputError):
-                raise
-            raise InputError(source, f"invalid training config: {exc}") from exc
+        for name in ("prepared_roots", "train_cases", "val_cases", "lr_milestones"):
+            value = kwargs.get(name)
+            if value is not None:
+                kwargs[name] = (value,) if isinstance(value, str) else tuple(value)
+        return settings_from_dict(cls, kwargs, "training setting", source)
 
     def with_overrides(self, overrides: dict[str, Any]) -> TrainConfig:
         """A copy with dotted keys replaced (``{"epochs": 5, "crop.crop_size_zyx": [64, 64, 64]}``)."""
         d = apply_dotted_overrides(self.to_dict(), overrides, "training", open_sections=("model_config",))
         return TrainConfig.from_dict(d)
-
-
-def _reject_unknown(d: Any, kind: type, source: str | Path | None, prefix: str) -> None:
-    if not isinstance(d, dict):
-        raise InputError(source, f"'{prefix}' must be a mapping")
-    known = {f.name for f in dataclasses.fields(kind)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise InputError(source, f"unknown setting(s) {[f'{prefix}.{u}' for u in unknown]}; known: {sorted(known)}")
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """``key=value`` from the command line; the value is read as YAML (numbers, lists, null, true)."""
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise InputError(None, f"expected KEY=VALUE, got {text!r}")
-    try:
-        return key.strip(), yaml.safe_load(value)
-    except yaml.YAMLError as exc:
-        raise InputError(None, f"cannot read the value of {key!r}: {exc}") from None
 
 
 def load_train_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
