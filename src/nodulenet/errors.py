@@ -21,3 +21,13 @@ class InputError(NoduleNetError, ValueError):
         self.problem = problem
         where = f"{self.path}: " if self.path is not None else ""
         super().__init__(f"{where}{problem}")
+
+
+class OutputFolderError(NoduleNetError):
+    """An output folder cannot be created or written (its parent is a file, no permission, a read-only or
+    virtual file system); nothing was written."""
+
+    def __init__(self, path: str | Path, problem: str) -> None:
+        self.path = Path(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")

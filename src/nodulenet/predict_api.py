@@ -34,7 +34,7 @@ from typing import Any
 import nodulenet
 from nodulenet.errors import NoduleNetError
 from nodulenet.infer.cohort import CohortItem, Shard, cohort_items, expand_scan_arguments, shard_from_environment
-from nodulenet.io.atomic import write_json_atomic
+from nodulenet.io.atomic import ensure_output_folder, write_json_atomic
 from nodulenet.io.findings import ModelInfo, NoduleFinding, ScanFindings, ScanSource, read_findings_json
 from nodulenet.io.volume import Volume
 
@@ -327,7 +327,7 @@ def predict_scans(scans: Sequence[str | Path], out_dir: str | Path, options: Pre
     items: list[CohortItem] = cohort_items(expand_scan_arguments(list(scans)), shard)
     if predictor is None:
         predictor = Predictor(options, weights_dir=weights_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_output_folder(out)  # after the model: a model problem leaves no folder behind
     config_path = write_json_atomic(out / _per_rank_name("predict_config", shard), {
         **predictor.describe(), "shard": asdict(shard), "scans": [str(i.path) for i in items]})
     summary_path = out / _per_rank_name("summary", shard)
@@ -388,6 +388,7 @@ def run_demo(out_dir: str | Path, scan: str | Path | None = None, *, seed: int =
 
     out = Path(out_dir)
     predictor = Predictor(options or PredictOptions(), weights_dir=weights_dir)
+    ensure_output_folder(out)
     truth = None
     if scan is None:
         paths = write_phantom(out / "phantom", seed, PhantomConfig(), fmt="nii.gz")

@@ -66,3 +66,30 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 
 def write_json_atomic(path: str | Path, obj: Any) -> Path:
     return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def ensure_output_folder(path: str | Path) -> Path:
+    """Create the output folder ``path`` (and its parents) and prove it writable, before any work is done.
+
+    Raises :class:`~nodulenet.errors.OutputFolderError` (one line, the CLI's exit code 2) when the path is a file,
+    a parent is a file, permission is denied, or the file system refuses files (``/proc``, read-only mounts): the
+    OS error is reported with the folder it concerns instead of a traceback from deep inside the writer.
+    """
+    from nodulenet.errors import OutputFolderError
+
+    folder = Path(path)
+    try:
+        if folder.exists() and not folder.is_dir():
+            raise OutputFolderError(folder, "the output path exists and is not a folder")
+        folder.mkdir(parents=True, exist_ok=True)
+        # mkdir succeeds on some folders nobody can write (read-only mounts, root-owned 0555 for others), so write.
+        fd, probe = tempfile.mkstemp(prefix=".nodulenet-write-test-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        where = Path(exc.filename) if getattr(exc, "filename", None) else folder
+        reason = exc.strerror or type(exc).__name__
+        if isinstance(exc, (NotADirectoryError, FileExistsError)):
+            reason = f"{reason}: a part of the path is a file, not a folder"
+        raise OutputFolderError(folder, f"cannot create or write the output folder ({reason}; at {where})") from None
+    return folder
