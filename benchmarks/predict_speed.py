@@ -225,7 +225,7 @@ def main() -> None:
         record("predict_bf16_check", {"load_average_at_start": list(os.getloadavg()), **check})
         return
     variants = args.variants or (["demo"] if args.quick else ["demo", "published", "published_contiguous"])
-    # As ``nodulenet predict`` does (nodulenet.infer.cli): idle OpenMP threads sleep; children inherit it.
+    # As ``nodulenet predict`` does (nodulenet.commands.predict): idle OpenMP threads sleep; children inherit it.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     series = _series_dir(args.data)
     figures: dict[str, Any] = {"scan": PATIENT, "variants": {}}

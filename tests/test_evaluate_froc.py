@@ -19,8 +19,8 @@ from nodulenet.evaluate.froc import (
     compute_froc,
     evaluate_froc,
     froc_grid,
-    write_froc_outputs,
 )
+from nodulenet.evaluate.plots import write_froc_outputs
 
 C, F = FrocCandidate, FrocFinding
 

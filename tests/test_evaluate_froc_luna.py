@@ -10,8 +10,8 @@ from nodulenet.evaluate.froc import (
     evaluate_froc,
     read_findings_csv,
     read_seriesuids_csv,
-    write_froc_outputs,
 )
+from nodulenet.evaluate.plots import write_froc_outputs
 
 
 def test_official_files_load(luna_root: Path) -> None:

@@ -226,7 +226,7 @@ def test_bad_options_are_refused():
 def _cli():
     import typer
 
-    from nodulenet.infer.cli import demo_cmd, predict_cmd
+    from nodulenet.commands.predict import demo_cmd, predict_cmd
 
     app = typer.Typer()
     app.command("predict")(predict_cmd)

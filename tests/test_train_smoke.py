@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from nodulenet.data.synthetic import prepare_phantom_cases
 from nodulenet.model import model_from_checkpoint_dict
 from nodulenet.train.checkpoint_files import load_checkpoint
-from nodulenet.train.cli import build_app
+from nodulenet.commands.train import build_app
 from nodulenet.train.config import TrainConfig
 from nodulenet.train.loop import train
 

@@ -218,8 +218,8 @@ def evaluate_seg_cmd(
 
 def _register_stage_commands() -> None:
     """Commands whose Typer signatures live beside their stage (importing them pulls in only typer)."""
-    from nodulenet.infer.cli import demo_cmd, predict_cmd
-    from nodulenet.train.cli import make_splits_cmd, prepare_lidc_synthetic_cmd, prepare_phantoms_cmd, train_cmd
+    from nodulenet.commands.predict import demo_cmd, predict_cmd
+    from nodulenet.commands.train import make_splits_cmd, prepare_lidc_synthetic_cmd, prepare_phantoms_cmd, train_cmd
 
     app.command("predict")(predict_cmd)
     app.command("demo")(demo_cmd)
@@ -229,11 +229,11 @@ def _register_stage_commands() -> None:
     app.command("prepare-phantoms")(prepare_phantoms_cmd)
     app.command("prepare-lidc-synthetic")(prepare_lidc_synthetic_cmd)
 
-    from nodulenet.serve.cli import serve_cmd
+    from nodulenet.commands.serve import serve_cmd
 
     app.command("serve")(serve_cmd)
 
-    from nodulenet.app.cli import viewer_cmd
+    from nodulenet.commands.viewer import viewer_cmd
 
     app.command("viewer")(viewer_cmd)
 

@@ -57,7 +57,8 @@ def evaluate_on_heldout_phantoms(out: str | Path, seeds: Sequence[int], *, weigh
     import json
 
     from nodulenet.data.synthetic import SMALL_PHANTOM
-    from nodulenet.evaluate.froc import FrocCandidate, FrocFinding, compute_froc, write_froc_outputs
+    from nodulenet.evaluate.froc import FrocCandidate, FrocFinding, compute_froc
+    from nodulenet.evaluate.plots import write_froc_outputs
     from nodulenet.infer.cohort import Shard
     from nodulenet.predict_api import PredictOptions, Predictor, predict_scans
     from nodulenet.preprocess.phantom import write_phantom

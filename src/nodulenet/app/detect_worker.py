@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see nodulenet.infer.cli: idle threads must not spin
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see nodulenet.commands.predict: idle threads must not spin
     args.out.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(filename=args.out / "detect.log", level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

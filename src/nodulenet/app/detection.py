@@ -8,7 +8,7 @@ holding ``nodules.json``), ``failed(message)`` or ``cancelled()``, and ``finishe
   :func:`nodulenet.predict_api.predict_scans` with the stages reported as JSON lines; Cancel sends SIGTERM (and
   SIGKILL 5 s later). Its log is ``<out>/detect.log``.
 - :class:`ThreadDetection`: a Python thread calling the server client
-  (:func:`nodulenet.serve.client.predict_on_server`) or the SSH runner (:func:`nodulenet.remote.ssh.predict_over_ssh`);
+  (:func:`nodulenet.serve.client_predict.run_on_server`) or the SSH runner (:func:`nodulenet.remote.ssh.predict_over_ssh`);
   both download the same result files into ``<out>/<name>/``.
 
 :class:`ServerDialog` and :class:`SshDialog` ask where to run; the window remembers the answers in QSettings.

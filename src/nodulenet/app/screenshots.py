@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", type=Path, help="where the PNG files go (docs/images)")
     parser.add_argument("--lidc", type=Path, default=None, help="the LIDC-IDRI-0001 CT series folder")
     args = parser.parse_args(argv)
-    from nodulenet.app.cli import require_app_extra
+    from nodulenet.app.launch import require_app_extra
     from nodulenet.errors import NoduleNetError
 
     try:

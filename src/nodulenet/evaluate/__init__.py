@@ -12,8 +12,8 @@ from nodulenet.evaluate.froc import (
     FrocResult,
     compute_froc,
     evaluate_froc,
-    write_froc_outputs,
 )
+from nodulenet.evaluate.plots import write_froc_outputs
 from nodulenet.evaluate.seg_metrics import (
     NoduleSegScore,
     SegResult,

@@ -48,7 +48,6 @@ from typing import Any
 import numpy as np
 
 from nodulenet.errors import InputError
-from nodulenet.io.atomic import write_json_atomic
 
 FROC_GRID_MIN_FPS = 0.125
 FROC_GRID_MAX_FPS = 8.0
@@ -602,14 +601,3 @@ def evaluate_froc(
                           max_marks_per_scan=max_marks_per_scan)
     result.sources = {name: str(p) for name, p in paths.items()}
     return result
-
-
-def write_froc_outputs(result: FrocResult, out_dir: str | Path) -> dict[str, Path]:
-    """Write ``froc.json`` (atomic) and ``froc.png`` (log-2 FP axis, CI band) into ``out_dir``."""
-    from nodulenet.evaluate.plots import plot_froc  # matplotlib is imported only when a plot is drawn
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    json_path = write_json_atomic(out / "froc.json", result.to_dict())
-    png_path = plot_froc(result, out / "froc.png")
-    return {"json": json_path, "png": png_path}

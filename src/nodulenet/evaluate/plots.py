@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from nodulenet.io.atomic import atomic_path
+from nodulenet.io.atomic import atomic_path, write_json_atomic
 
 if TYPE_CHECKING:
     from nodulenet.evaluate.froc import FrocResult
@@ -60,3 +60,12 @@ def plot_froc(result: FrocResult, path: str | Path, *, title: str = "FROC perfor
     with atomic_path(target, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=dpi, format="png")
     return target
+
+
+def write_froc_outputs(result: FrocResult, out_dir: str | Path) -> dict[str, Path]:
+    """Write ``froc.json`` (atomic) and ``froc.png`` (log-2 FP axis, CI band) into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = write_json_atomic(out / "froc.json", result.to_dict())
+    png_path = plot_froc(result, out / "froc.png")
+    return {"json": json_path, "png": png_path}

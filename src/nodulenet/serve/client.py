@@ -1,5 +1,5 @@
 """Client of ``nodulenet serve`` (httpx only: it does not need the ``server`` extra): :class:`ServerClient` and
-:func:`predict_on_server` (``nodulenet predict --server URL``).
+:mod:`nodulenet.serve.client_predict` runs ``nodulenet predict --server URL`` with it.
 
 What is uploaded for a scan (the same scan local ``predict`` would read):
 
@@ -409,17 +409,5 @@ class ServerClient:
         return dest
 
 
-def predict_on_server(scans: Any, out_dir: str | Path, *, url: str, token: str | None, options: Any = None,
-                      progress: bool = False, on_result: Callable[[Any], None] | None = None,
-                      verify: bool | str = True, poll_s: float = 0.5) -> Any:
-    """``nodulenet predict --server URL``: like local :func:`~nodulenet.predict_api.predict_scans` (same output
-    folders, summary.json, predict_config.json; returns a :class:`~nodulenet.predict_api.PredictRun`), with the
-    prediction made by the server. See :mod:`nodulenet.serve.client_predict`."""
-    from nodulenet.serve.client_predict import run_on_server
-
-    return run_on_server(scans, out_dir, url=url, token=token, options=options, progress=progress,
-                         on_result=on_result, verify=verify, poll_s=poll_s)
-
-
 __all__ = ["JobFailed", "ServerAuthError", "ServerBusy", "ServerClient", "ServerError", "ServerUnreachable",
-           "predict_on_server", "read_token", "upload_plan"]
+           "read_token", "upload_plan"]

@@ -106,7 +106,7 @@ def _staged_predictor_class() -> Any:
 
 def worker_main(settings: dict[str, Any], slot: int) -> None:
     """Entry point of one worker process (``settings`` = :meth:`ServerSettings.to_public_dict`)."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep (see infer/cli.py)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep (see commands/predict.py)
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in the terminal is the server's to handle
     data_dir = Path(settings["data_dir"])

@@ -1,4 +1,4 @@
-"""``nodulenet viewer [SCAN] [--results DIR]``: the desktop viewer (registered by ``nodulenet.cli``).
+"""Start the desktop viewer (for ``nodulenet viewer``, :mod:`nodulenet.commands.viewer`) and check it can start.
 
 Qt and VTK are the optional ``app`` extra and are imported only when the command runs; without them, or without a
 display, the command says what to do in one line (exit code 2) instead of a traceback.
@@ -10,9 +10,6 @@ import importlib.util
 import os
 import sys
 from pathlib import Path
-from typing import Optional
-
-import typer
 
 INSTALL_HINT = 'pip install "nodulenet[app]"'
 
@@ -37,23 +34,6 @@ def _find_spec(module: str) -> object | None:
         return importlib.util.find_spec(module)
     except (ImportError, ValueError):  # a parent package missing, or a module set to None in sys.modules
         return None
-
-
-def viewer_cmd(
-    scan: Optional[Path] = typer.Argument(None, help="A scan to open: DICOM folder, .mhd, .nii/.nii.gz or .nrrd."),
-    results: Optional[Path] = typer.Option(None, "--results", help="A predict output folder (or its nodules.json) "
-                                           "to show; its scan is opened when SCAN is not given."),
-) -> None:
-    """Open the desktop viewer: scan views, detection (local, server, SSH), nodule table, export.
-    Research software, not a medical device. Needs the optional "app" extra (PySide6 and VTK)."""
-    from nodulenet.errors import InputError
-
-    require_app_extra()
-    if scan is not None and not scan.exists():
-        raise InputError(scan, "does not exist")
-    if results is not None and not results.exists():
-        raise InputError(results, "does not exist")
-    raise typer.Exit(run_viewer(scan, results))
 
 
 def run_viewer(scan: Path | None = None, results: Path | None = None, argv: list[str] | None = None) -> int:

@@ -7,7 +7,7 @@ which some scans failed prints each error and exits with code 1 after finishing 
 
 Register with::
 
-    from nodulenet.infer.cli import demo_cmd, predict_cmd
+    from nodulenet.commands.predict import demo_cmd, predict_cmd
     app.command("predict")(predict_cmd)
     app.command("demo")(demo_cmd)
 """
@@ -158,9 +158,9 @@ def predict_cmd(
         if given:
             raise NoduleNetError(f"{', '.join(given)} cannot be used with --server: the server runs its own model "
                                  f"and device (see `GET /v1/info`)")
-        from nodulenet.serve.client import predict_on_server
+        from nodulenet.serve.client_predict import run_on_server
 
-        run = predict_on_server(scans, out, url=server, token=token, options=options, progress=True,
+        run = run_on_server(scans, out, url=server, token=token, options=options, progress=True,
                                 on_result=report)
     elif remote:
         from nodulenet.remote.ssh import predict_over_ssh

@@ -3,7 +3,7 @@
 
 Register with::
 
-    from nodulenet.serve.cli import serve_cmd
+    from nodulenet.commands.serve import serve_cmd
     app.command("serve")(serve_cmd)
 """
 

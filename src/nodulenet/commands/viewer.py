@@ -1,0 +1,31 @@
+"""``nodulenet viewer [SCAN] [--results DIR]``: the desktop viewer (registered by ``nodulenet.cli``).
+
+Qt and VTK are the optional ``app`` extra and are imported only when the command runs (:mod:`nodulenet.app.launch`
+checks they are there and that a display exists, in one line, exit code 2).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def viewer_cmd(
+    scan: Optional[Path] = typer.Argument(None, help="A scan to open: DICOM folder, .mhd, .nii/.nii.gz or .nrrd."),
+    results: Optional[Path] = typer.Option(None, "--results", help="A predict output folder (or its nodules.json) "
+                                           "to show; its scan is opened when SCAN is not given."),
+) -> None:
+    """Open the desktop viewer: scan views, detection (local, server, SSH), nodule table, export.
+    Research software, not a medical device. Needs the optional "app" extra (PySide6 and VTK)."""
+    from nodulenet.errors import InputError
+
+    from nodulenet.app.launch import require_app_extra, run_viewer
+
+    require_app_extra()
+    if scan is not None and not scan.exists():
+        raise InputError(scan, "does not exist")
+    if results is not None and not results.exists():
+        raise InputError(results, "does not exist")
+    raise typer.Exit(run_viewer(scan, results))
