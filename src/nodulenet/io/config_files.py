@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import yaml
 
@@ -35,6 +35,25 @@ def read_config_file(path: str | Path, section: str | None = None) -> dict[str, 
     if section is not None and isinstance(data.get(section), dict):
         return data[section]
     return data
+
+
+class _Settings(Protocol):
+    def with_overrides(self, overrides: dict[str, Any]) -> Any: ...
+
+
+S = TypeVar("S", bound=_Settings)
+
+
+def load_settings(defaults: S, reader: Any, path: str | Path | None, section: str,
+                  overrides: dict[str, Any] | None) -> S:
+    """Every stage's ``load_*_config``: ``defaults``, then the file at ``path`` read by ``reader(dict, source=)``
+    (a run's own ``config.json`` works: its ``section`` entry is read), then dotted ``overrides``."""
+    config = defaults
+    if path is not None:
+        config = reader(read_config_file(path, section=section), source=Path(path))
+    if overrides:
+        config = config.with_overrides(overrides)
+    return config
 
 
 def apply_dotted_overrides(

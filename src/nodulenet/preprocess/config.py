@@ -26,7 +26,7 @@ from typing import Any
 
 
 from nodulenet.errors import InputError
-from nodulenet.io.config_files import apply_dotted_overrides, read_config_file
+from nodulenet.io.config_files import apply_dotted_overrides, load_settings
 from nodulenet.settings_dict import settings_from_dict, settings_to_dict
 
 # The files of a prepared case folder (written by preprocess.prepare, read by data.cases); ``done.json`` is written
@@ -131,11 +131,6 @@ class PrepareConfig:
 
 
 def load_prepare_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> PrepareConfig:
-    """Defaults, then the YAML/JSON file at ``path`` (if given), then dotted ``overrides``."""
-    config = PrepareConfig()
-    if path is not None:
-        # A config.json written by a prepared case nests the settings under "prepare".
-        config = PrepareConfig.from_dict(read_config_file(path, section="prepare"), source=Path(path))
-    if overrides:
-        config = config.with_overrides(overrides)
-    return config
+    """Defaults, then the YAML/JSON file at ``path`` (a prepared case's config.json nests it under "prepare"),
+    then dotted ``overrides``."""
+    return load_settings(PrepareConfig(), PrepareConfig.from_dict, path, "prepare", overrides)

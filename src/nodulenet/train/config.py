@@ -20,7 +20,7 @@ from typing import Any
 
 from nodulenet.data.config import AugmentConfig, CropConfig
 from nodulenet.errors import InputError
-from nodulenet.io.config_files import apply_dotted_overrides, parse_override, read_config_file  # noqa: F401
+from nodulenet.io.config_files import apply_dotted_overrides, parse_override, load_settings  # noqa: F401
 from nodulenet.model.config import NoduleNetConfig, published_config, tiny_config
 from nodulenet.settings_dict import settings_from_dict, settings_to_dict
 
@@ -148,12 +148,7 @@ class TrainConfig:
 def load_train_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Defaults, then the YAML/JSON file (a run's ``config.json`` works: its ``train`` entry is read), then
     dotted overrides."""
-    config = TrainConfig()
-    if path is not None:
-        config = TrainConfig.from_dict(read_config_file(path, section="train"), source=Path(path))
-    if overrides:
-        config = config.with_overrides(overrides)
-    return config
+    return load_settings(TrainConfig(), TrainConfig.from_dict, path, "train", overrides)
 
 
 def config_differences(a: TrainConfig, b: TrainConfig) -> list[str]:
