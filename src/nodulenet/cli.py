@@ -229,6 +229,10 @@ def _register_stage_commands() -> None:
     app.command("prepare-phantoms")(prepare_phantoms_cmd)
     app.command("prepare-lidc-synthetic")(prepare_lidc_synthetic_cmd)
 
+    from nodulenet.commands.compare import compare_cmd
+
+    app.command("compare")(compare_cmd)
+
     from nodulenet.commands.serve import serve_cmd
 
     app.command("serve")(serve_cmd)

@@ -161,7 +161,7 @@ def predict_cmd(
         from nodulenet.serve.client_predict import run_on_server
 
         run = run_on_server(scans, out, url=server, token=token, options=options, progress=True,
-                                on_result=report)
+                            on_result=report)
     elif remote:
         from nodulenet.remote.ssh import predict_over_ssh
 

@@ -222,3 +222,23 @@ def findings_from_label_map(labels: Volume, hu: Volume, scores: Mapping[int, flo
         mask = NoduleMask(crop, tuple(s.start for s in box))  # type: ignore[arg-type]
         findings.append(finding_from_mask(label, float(scores[label]), mask, hu))
     return findings
+
+
+def axial_short_axis(mask_zyx: np.ndarray, spacing_zyx: tuple[float, float, float],
+                     long_axis_zyx: tuple[tuple[float, float, float], tuple[float, float, float]]) -> float:
+    """Short-axis diameter (mm): the mask's width perpendicular to its long axis, on the long axis's slice.
+
+    ``long_axis_zyx`` are the end points :func:`longest_axial_diameter` returns (coordinates of ``mask_zyx``).
+    The width is the extent of the slice's voxel corners projected on the in-plane direction perpendicular to
+    the long axis, which is what calipers laid at right angles to the long axis read.
+    """
+    (z, py, px), (_, qy, qx) = long_axis_zyx
+    in_plane = np.asarray(spacing_zyx[1:], dtype=np.float64)
+    corners = _corner_points(mask_zyx[int(round(z))], in_plane)  # mm
+    along = (np.array([qy, qx]) - np.array([py, px])) * in_plane
+    norm = float(np.linalg.norm(along))
+    if norm == 0.0:
+        return 0.0
+    perpendicular = np.array([-along[1], along[0]]) / norm
+    projected = corners @ perpendicular
+    return float(projected.max() - projected.min())
