@@ -266,6 +266,14 @@ class JobStore:
                  None if result is None else json.dumps(result), job_id, *args))
         return cur.rowcount == 1
 
+    def annotate_done(self, job_id: str, *, stage: str, error: str | None) -> bool:
+        """Say what happened after a job was done (its results sent on to a PACS, or not yet): ``stage`` and
+        ``error`` of a ``done`` job; False when the job is not done (deleted meanwhile)."""
+        with self._transaction() as db:
+            cur = db.execute("UPDATE jobs SET stage = ?, error = ? WHERE id = ? AND state = 'done'",
+                             (stage, error, job_id))
+        return cur.rowcount == 1
+
     def recover_running(self, job_ids: list[str] | None, *, max_attempts: int, reason: str,
                         count_attempt: bool = True) -> dict[str, str]:
         """Jobs left ``running`` by a process that is gone: re-queued while ``attempts < max_attempts``, else
