@@ -99,6 +99,8 @@ def write_ct_series(volume: Volume, folder: str | Path, identity: SeriesIdentity
         ds.SeriesInstanceUID = identity.series_uid
         ds.SeriesNumber = identity.series_number
         ds.SeriesDescription = identity.series_description
+        ds.PatientPosition = "HFS"
+        ds.BodyPartExamined = "CHEST"
         ds.FrameOfReferenceUID = identity.frame_of_reference_uid
         ds.PositionReferenceIndicator = ""
         ds.InstanceNumber = k + 1

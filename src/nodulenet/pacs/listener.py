@@ -204,8 +204,7 @@ class SeriesAssembler:
         write_json_atomic(job_dir / SERIES_RECORD, record)
         target = job_dir / "input" / pending.series_uid
         os.replace(pending.folder, target)
-        (target / ".series.json").unlink(missing_ok=True)
-        size = sum(f.stat().st_size for f in target.iterdir())
+        size = sum(f.stat().st_size for f in target.iterdir() if f.suffix == ".dcm")
         name = f"{pending.modality or 'DICOM'} series {pending.series_uid} from {pending.calling_ae or 'unknown AE'}"
         options = {"threshold": self.threshold, "label_format": "nii.gz", "dicom_outputs": True, "dicom": record}
         try:
@@ -221,6 +220,7 @@ class SeriesAssembler:
             logger.warning("series %s: the job queue is full (%d queued); trying again in %.0f s",
                            pending.series_uid, self.queue_size, self.settings.idle_s)
             return None
+        (target / ".series.json").unlink(missing_ok=True)  # dicom-series.json beside input/ says it all now
         logger.info("job %s: queued (series %s, %d instance(s) from %s, complete after %.0f s without new "
                     "instances)", job_id, pending.series_uid, pending.n_instances, pending.calling_ae,
                     self.settings.idle_s)

@@ -89,17 +89,20 @@ class DicomSettings:
         object.__setattr__(self, "allowed_aes", tuple(check_ae_title(a, "--dicom-allow-ae") for a in self.allowed_aes))
         if not self.idle_s > 0:
             raise NoduleNetError(f"--dicom-idle-s must be a positive number of seconds, got {self.idle_s}")
+        if not self.retry_s > 0:
+            raise NoduleNetError(f"--dicom-retry-s must be a positive number of seconds, got {self.retry_s}")
         if self.max_delivery_attempts < 1:
             raise NoduleNetError(f"max_delivery_attempts must be at least 1, got {self.max_delivery_attempts}")
 
     @classmethod
     def from_flags(cls, *, port: int, allowed_aes: list[str], ae_title: str, host: str, idle_s: float,
-                   destination: str | None, destination_auth: str | None) -> DicomSettings:
+                   destination: str | None, destination_auth: str | None,
+                   retry_s: float = 15.0) -> DicomSettings:
         dest = parse_destination(destination) if destination else None
         if destination_auth and (dest is None or dest.kind != "stow"):
             raise NoduleNetError("--dicom-dest-auth is for a DICOMweb (STOW-RS) --dicom-dest")
         return cls(port=port, allowed_aes=tuple(allowed_aes), ae_title=ae_title, host=host, idle_s=idle_s,
-                   destination=dest, destination_auth=parse_auth(destination_auth))
+                   destination=dest, destination_auth=parse_auth(destination_auth), retry_s=retry_s)
 
     def incoming_dir(self, data_dir: Path) -> Path:
         return data_dir / "dicom-incoming"

@@ -52,6 +52,8 @@ def serve_cmd(
                                              "(C-STORE) or the http(s):// root of a DICOMweb server (STOW-RS)."),
     dicom_dest_auth: Optional[str] = typer.Option(None, "--dicom-dest-auth", help="STOW-RS credentials: "
                                                   "basic:FILE (user:password) or bearer:FILE."),
+    dicom_retry_s: float = typer.Option(15.0, "--dicom-retry-s", help="First retry of results that could not be "
+                                        "sent (doubling each time, at most 10 min; 8 tries in all)."),
 ) -> None:
     """Serve predictions over HTTP (FastAPI + uvicorn): upload a scan, poll the job, download the outputs; with
     --dicom-port also a DICOM listener that predicts received series and sends SEG + SR to --dicom-dest.
@@ -81,7 +83,7 @@ def serve_cmd(
 
         dicom = DicomSettings.from_flags(port=dicom_port, allowed_aes=dicom_allow_ae, ae_title=ae_title,
                                          host=dicom_host, idle_s=dicom_idle_s, destination=dicom_dest,
-                                         destination_auth=dicom_dest_auth)
+                                         destination_auth=dicom_dest_auth, retry_s=dicom_retry_s)
         services.append(DicomService(dicom, data, threshold=threshold, queue_size=queue_size))
     elif dicom_allow_ae or dicom_dest or dicom_dest_auth:
         from nodulenet.errors import NoduleNetError
