@@ -166,3 +166,22 @@ def test_assembler_refuses_an_instance_without_uids(tmp_path: Path) -> None:
     status, comment = assembler.receive(ds, b"", "A", "x")
     assert status == STATUS_CANNOT_UNDERSTAND and "SeriesInstanceUID" in comment
     assert list((data / "dicom-incoming").iterdir()) == []
+
+
+def test_phantom_as_dicom_series_is_the_phantom(tmp_path: Path) -> None:
+    from nodulenet.preprocess.phantom import PhantomConfig, make_phantom, write_phantom
+
+    config = PhantomConfig(shape_yx=(96, 96), spacing_yx_mm=(1.5, 1.5), extent_z_mm=60.0,
+                           slice_thickness_range_mm=(2.5, 2.5), n_nodules=1, diameter_range_mm=(8.0, 10.0),
+                           flip_xyz=(False, True, True))
+    paths = write_phantom(tmp_path / "ph", 3, config, fmt="dicom")
+    assert paths["scan"].is_dir() and paths["nodule_mask"].name == "nodule_mask.nii.gz"
+    phantom = make_phantom(3, config)
+    back = read_dicom_series(paths["scan"])
+    assert np.array_equal(back.array, phantom.image.array)
+    np.testing.assert_allclose(back.geometry.origin_xyz_mm, phantom.image.geometry.origin_xyz_mm, atol=1e-5)
+    np.testing.assert_allclose(back.geometry.direction, phantom.image.geometry.direction, atol=1e-9)
+    assert back.meta["series_instance_uid"] == phantom.series_uid
+    again = write_phantom(tmp_path / "ph2", 3, config, fmt="dicom")  # same seed, same files, byte for byte
+    assert [p.read_bytes() for p in sorted(paths["scan"].iterdir())] == \
+        [p.read_bytes() for p in sorted(again["scan"].iterdir())]
