@@ -163,6 +163,7 @@ def write_config(folder: Path, http_port: int, dicom_port: int) -> Path:
         "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": False, "Ssl": False},
         # Only registered modalities (checked by AE title AND host) may store into this Orthanc.
         "DicomAlwaysAllowStore": False,
+        "DicomAlwaysAllowEcho": False,
         "DicomCheckModalityHost": True,
         "DicomModalities": {},
         "DicomModalitiesInDatabase": False,

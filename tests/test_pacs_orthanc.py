@@ -25,8 +25,15 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-
-from _orthanc import PASSWORD, USER, OrthancProcess, free_port, orthanc_missing, running_orthanc, write_config
+from _orthanc import (
+    PASSWORD,
+    USER,
+    OrthancProcess,
+    free_port,
+    orthanc_missing,
+    running_orthanc,
+    write_config,
+)
 from _serverproc import running_server
 
 pytest.importorskip("pynetdicom")
@@ -41,19 +48,32 @@ LISTENER_AE = "NODULENET"
 # ---------------------------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module")
-def phantom_series(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """The demo phantom (seed 0, default config: what ``nodulenet demo`` predicts) as a DICOM series."""
-    from nodulenet.preprocess.phantom import PhantomConfig, write_phantom
-
-    out = tmp_path_factory.mktemp("phantom-dicom")
-    paths = write_phantom(out, 0, PhantomConfig(), fmt="dicom")
+def _series_record(paths: dict) -> dict:
+    """What the tests need of a phantom written as a DICOM series (files and UIDs in array z order)."""
     files = sorted(paths["scan"].glob("*.dcm"))  # 0001.dcm ... in array z order
     headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
     return {"folder": paths["scan"], "files": files, "sop_uids": [str(h.SOPInstanceUID) for h in headers],
             "study_uid": str(headers[0].StudyInstanceUID), "series_uid": str(headers[0].SeriesInstanceUID),
             "frame_uid": str(headers[0].FrameOfReferenceUID),
             "truth": json.loads(paths["nodules"].read_text())["nodules"]}
+
+
+@pytest.fixture(scope="module")
+def phantom_series(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The demo phantom (seed 0, default config: what ``nodulenet demo`` predicts) as a DICOM series."""
+    from nodulenet.preprocess.phantom import PhantomConfig, write_phantom
+
+    return _series_record(write_phantom(tmp_path_factory.mktemp("phantom-dicom"), 0, PhantomConfig(), fmt="dicom"))
+
+
+@pytest.fixture(scope="module")
+def small_phantom_series(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A smaller phantom (160 x 160 x 40, two nodules the demo model finds) for the restart test: half the time."""
+    from nodulenet.preprocess.phantom import PhantomConfig, write_phantom
+
+    config = PhantomConfig(shape_yx=(160, 160), spacing_yx_mm=(1.25, 1.25), extent_z_mm=100.0,
+                           slice_thickness_range_mm=(2.5, 2.5), n_nodules=2, diameter_range_mm=(8.0, 14.0))
+    return _series_record(write_phantom(tmp_path_factory.mktemp("small-phantom-dicom"), 1, config, fmt="dicom"))
 
 
 @pytest.fixture(scope="module")
@@ -328,7 +348,8 @@ def test_bad_series_fail_with_the_reason_and_keep_their_instances(case: str, lis
 
 
 def test_stow_refused_is_recorded_on_the_job_and_retried(orthanc: OrthancProcess, pulled: dict,
-                                                        phantom_series: dict, tmp_path: Path) -> None:
+                                                        phantom_series: dict, tmp_path: Path,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
     """The sender in-process against the real Orthanc: a STOW-RS that Orthanc refuses (HTTP 401) leaves the job
     done with the error in its record, the delivery pending, and the files in place; with the right credentials
     the next try sends them."""
@@ -359,6 +380,7 @@ def test_stow_refused_is_recorded_on_the_job_and_retried(orthanc: OrthancProcess
                                         idle_s=1, destination=orthanc.dicomweb_url,
                                         destination_auth=f"basic:{wrong}", retry_s=1)
     sender = ResultSender(data, store, settings)
+    caplog.set_level("INFO", logger="nodulenet.serve.dicom")
     assert sender.send_due() == 1
     job = store.get(job_id)
     delivery = sender.deliveries.get(job_id)
@@ -367,6 +389,7 @@ def test_stow_refused_is_recorded_on_the_job_and_retried(orthanc: OrthancProcess
     assert "attempt 1 of 8, next in 1 s" in job.error
     assert delivery.state == "pending" and delivery.attempts == 1 and (scan_dir / "seg.dcm").is_file()
     assert sender.send_due() == 0  # not due before its retry time
+    assert f"job {job_id}: seg.dcm + sr.dcm not sent to {orthanc.dicomweb_url} yet (attempt 1 of 8" in caplog.text
 
     right = tmp_path / "right"
     right.write_text(f"{USER}:{PASSWORD}\n")
@@ -378,7 +401,7 @@ def test_stow_refused_is_recorded_on_the_job_and_retried(orthanc: OrthancProcess
     assert store.get(job_id).error is None and store.get(job_id).stage.startswith("done; seg.dcm + sr.dcm sent")
 
 
-def test_job_survives_a_restart_and_results_wait_for_orthanc(phantom_series: dict, tmp_path: Path) -> None:
+def test_job_survives_a_restart_and_results_wait_for_orthanc(small_phantom_series: dict, tmp_path: Path) -> None:
     """A series received by a server with no workers is a queued job; after a restart a worker runs it while the
     destination Orthanc is down (the job record and the log say so), and the results arrive once it is up."""
     import httpx
@@ -395,8 +418,8 @@ def test_job_survives_a_restart_and_results_wait_for_orthanc(phantom_series: dic
             "--dicom-dest", f"ORTHANC@127.0.0.1:{later.dicom_port}"]
     try:
         with running_server(data, workers=0, args=args) as server:
-            c_store_files(phantom_series["files"], calling_ae="ORTHANC", called_ae=LISTENER_AE, host="127.0.0.1",
-                          port=port)
+            c_store_files(small_phantom_series["files"], calling_ae="ORTHANC", called_ae=LISTENER_AE,
+                          host="127.0.0.1", port=port)
             queued = _wait_job(server, lambda j: j["state"] == "queued", timeout_s=60)
         with running_server(data, workers=1, args=args) as server:
             failed_send = _wait_job(server, lambda j: j["id"] == queued["id"] and j["state"] == "done"
@@ -409,13 +432,13 @@ def test_job_survives_a_restart_and_results_wait_for_orthanc(phantom_series: dic
             later.add_modality("nodulenet", LISTENER_AE, port)
             sent = _wait_job(server, lambda j: j["id"] == queued["id"] and "sent to" in j["stage"], timeout_s=60)
             assert sent["error"] is None
-            series = _series_by_modality(later, phantom_series["study_uid"])
+            series = _series_by_modality(later, small_phantom_series["study_uid"])
             assert set(series) == {"SEG", "SR"}
             mask = httpx.get(f"{server.url}/v1/jobs/{sent['id']}/mask", headers=server.headers(), timeout=60)
             (tmp_path / "labels.nii.gz").write_bytes(mask.content)
             labels = _read_labels(tmp_path / "labels.nii.gz")
             decoded = _label_volume_from_seg(later.instance_file(series["SEG"][0]["Instances"][0]),
-                                             phantom_series["sop_uids"], tmp_path)
+                                             small_phantom_series["sop_uids"], tmp_path)
             assert np.array_equal(decoded, labels)
     finally:
         later.stop()

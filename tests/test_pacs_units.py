@@ -108,7 +108,11 @@ def _instance(tmp_path: Path, series_uid: str, k: int) -> tuple[pydicom.Dataset,
 
 
 def test_assembler_queues_an_idle_series_and_survives_a_full_queue_and_a_restart(tmp_path: Path) -> None:
-    from nodulenet.pacs.listener import SERIES_RECORD, SeriesAssembler, reclaim_unqueued_series
+    from nodulenet.pacs.listener import (
+        SERIES_RECORD,
+        SeriesAssembler,
+        reclaim_unqueued_series,
+    )
 
     data = tmp_path / "data"
     store = JobStore(data / "jobs.sqlite3")

@@ -21,11 +21,8 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,23 +64,12 @@ class Delivery:
 
 
 class DeliveryStore:
-    """The ``dicom_deliveries`` table (short connections, like :class:`~nodulenet.serve.store.JobStore`)."""
+    """The ``dicom_deliveries`` table, in the job store's file and with its connection settings."""
 
-    def __init__(self, db_path: Path) -> None:
-        self.path = Path(db_path)
+    def __init__(self, store: JobStore) -> None:
+        self._connect = store.connect
         with self._connect() as db:
             db.executescript(_SCHEMA)
-
-    @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
-        try:
-            db.row_factory = sqlite3.Row
-            db.execute("PRAGMA synchronous=FULL")
-            db.execute("PRAGMA busy_timeout=30000")
-            yield db
-        finally:
-            db.close()
 
     def due(self, now: float) -> list[dict[str, Any]]:
         """Done ``dicom-store`` jobs whose delivery is not finished and whose next try is due (oldest first)."""
@@ -137,7 +123,7 @@ class ResultSender:
         self.jobs = store
         self.settings = settings
         self.destination = settings.destination
-        self.deliveries = DeliveryStore(store.path)
+        self.deliveries = DeliveryStore(store)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 

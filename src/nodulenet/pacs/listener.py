@@ -244,7 +244,12 @@ class DicomListener:
 
     def start(self) -> None:
         try:
-            from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+            from pynetdicom import (
+                AE,
+                ALL_TRANSFER_SYNTAXES,
+                AllStoragePresentationContexts,
+                evt,
+            )
             from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
         except ImportError as exc:
             raise NoduleNetError(f"--dicom-port needs the pacs extra ({exc.name} is missing): "

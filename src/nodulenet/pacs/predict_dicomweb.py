@@ -26,7 +26,13 @@ from typing import Any
 from nodulenet.errors import NoduleNetError
 from nodulenet.io.atomic import write_json_atomic
 from nodulenet.pacs.auth import DicomwebAuth
-from nodulenet.pacs.dicomweb import choose_ct_series, connect, fetch_series, list_series, store_files
+from nodulenet.pacs.dicomweb import (
+    choose_ct_series,
+    connect,
+    fetch_series,
+    list_series,
+    store_files,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -4,8 +4,9 @@ workers and stopped before them (:func:`nodulenet.serve.server.run_server` calls
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from nodulenet.io.atomic import write_json_atomic
 from nodulenet.pacs.settings import DicomSettings

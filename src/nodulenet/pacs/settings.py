@@ -12,7 +12,7 @@ Files it keeps under the server's data folder (beside those of :mod:`nodulenet.s
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from nodulenet.errors import NoduleNetError
@@ -74,7 +74,7 @@ class DicomSettings:
     host: str = "127.0.0.1"
     idle_s: float = DEFAULT_IDLE_S
     destination: Destination | None = None
-    destination_auth: DicomwebAuth = DicomwebAuth()
+    destination_auth: DicomwebAuth = field(default_factory=DicomwebAuth)
     max_delivery_attempts: int = 8
     retry_s: float = 15.0  # first retry of a failed delivery; doubled each time, at most RETRY_CAP_S
     poll_s: float = 0.25

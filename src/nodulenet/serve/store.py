@@ -157,6 +157,11 @@ class JobStore:
         finally:
             db.close()
 
+    def connect(self) -> Any:
+        """A short-lived connection with the store's settings (a context manager), for the tables other modules
+        keep in the same file (:mod:`nodulenet.pacs.delivery`)."""
+        return self._connect()
+
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         with self._connect() as db:
