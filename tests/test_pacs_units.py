@@ -189,3 +189,19 @@ def test_phantom_as_dicom_series_is_the_phantom(tmp_path: Path) -> None:
     again = write_phantom(tmp_path / "ph2", 3, config, fmt="dicom")  # same seed, same files, byte for byte
     assert [p.read_bytes() for p in sorted(paths["scan"].iterdir())] == \
         [p.read_bytes() for p in sorted(again["scan"].iterdir())]
+
+
+def test_a_busy_dicom_port_is_one_clear_error(tmp_path: Path) -> None:
+    import socket
+
+    from nodulenet.pacs.listener import DicomListener, SeriesAssembler
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        settings = DicomSettings(port=port, allowed_aes=("PACS",))
+        assembler = SeriesAssembler(tmp_path, JobStore(tmp_path / "jobs.sqlite3"), settings, threshold=0.5,
+                                    queue_size=5)
+        with pytest.raises(NoduleNetError, match=f"cannot listen for DICOM on 127.0.0.1:{port} .*--dicom-port"):
+            DicomListener(assembler, settings).start()

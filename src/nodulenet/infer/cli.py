@@ -149,8 +149,8 @@ def predict_cmd(
     console = _console()
     if server and remote:
         raise NoduleNetError("--server and --remote are two ways to run elsewhere: give one of them")
-    if dicomweb is None and (study or series or store_results or dicomweb_auth):
-        raise NoduleNetError("--study/--series/--store-results/--dicomweb-auth go with --dicomweb URL")
+    if dicomweb is None and (study or series or store_results):  # not --dicomweb-auth: it may come from the env
+        raise NoduleNetError("--study/--series/--store-results go with --dicomweb URL")
     if dicomweb is not None:
         if server or remote:
             raise NoduleNetError("--dicomweb fetches the scan and predicts here: it cannot be combined with --server "
