@@ -9,9 +9,11 @@ the local ``labels.nii.gz``.
 Push: Orthanc C-STOREs the series (REST ``/modalities/nodulenet/store``) to ``nodulenet serve --dicom-port``; the
 listener queues a job once the series is idle, a worker predicts it and SEG + SR are C-STOREd back into Orthanc.
 Bad input: an unknown calling AE title (refused at association), a non-CT series and a series with a missing slice
-(failed jobs whose error says why, instances kept), a STOW refused (HTTP 401), and Orthanc down (the job is done,
-its delivery error is in the job record and the log, and the results arrive once Orthanc is back; the job also
-survives a server restart). After each, the listener still answers C-ECHO.
+(failed jobs whose error says why, instances kept), a STOW refused (HTTP 401) and Orthanc down (the job is done,
+its delivery error is in the job record and the log, and the results arrive once the destination takes them).
+After each, the listener still answers C-ECHO. Slow-marked (~40 s: two server starts and a prediction): a job
+received by a server without workers survives its restart, runs while the destination Orthanc is down, and its
+SEG + SR reach that Orthanc once it is started.
 """
 
 from __future__ import annotations
@@ -347,60 +349,76 @@ def test_bad_series_fail_with_the_reason_and_keep_their_instances(case: str, lis
     assert _echo(listener.dicom_port)
 
 
-def test_stow_refused_is_recorded_on_the_job_and_retried(orthanc: OrthancProcess, pulled: dict,
-                                                        phantom_series: dict, tmp_path: Path,
-                                                        caplog: pytest.LogCaptureFixture) -> None:
-    """The sender in-process against the real Orthanc: a STOW-RS that Orthanc refuses (HTTP 401) leaves the job
-    done with the error in its record, the delivery pending, and the files in place; with the right credentials
-    the next try sends them."""
+@pytest.mark.parametrize("case", ["STOW refused", "Orthanc down"])
+def test_failed_sending_is_recorded_on_the_job_and_retried(case: str, orthanc: OrthancProcess, pulled: dict,
+                                                          phantom_series: dict, tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """The sender in-process with the real Orthanc: a STOW-RS that Orthanc refuses (HTTP 401), or a C-STORE to an
+    Orthanc that is down, leaves the job done with the error in its record and the log, the delivery pending and the
+    files in place; the next try, once the destination takes them, sends them."""
     import shutil
 
-    from nodulenet.pacs.auth import parse_auth
     from nodulenet.pacs.delivery import ResultSender
     from nodulenet.pacs.settings import DicomSettings
     from nodulenet.serve.store import JobStore, NewJob
 
-    case = pulled["out"] / f"PHANTOM-00000_{phantom_series['series_uid'][-8:]}"
+    case_dir = pulled["out"] / f"PHANTOM-00000_{phantom_series['series_uid'][-8:]}"
     data = tmp_path / "data"
     store = JobStore(data / "jobs.sqlite3")
     job_id = "a" * 32
     scan_dir = data / "jobs" / job_id / "result" / "scan"
     scan_dir.mkdir(parents=True)
     for name in ("seg.dcm", "sr.dcm"):
-        shutil.copy(case / name, scan_dir / name)
+        shutil.copy(case_dir / name, scan_dir / name)
     store.create(NewJob(id=job_id, input_kind="dicom-store", input_name="x", input_bytes=0, scan_path="input/x",
                         options={}), 10)
     store.claim(1, 1.0)
     files = [{"name": "sr.dcm", "kind": "dicom_sr"}, {"name": "seg.dcm", "kind": "dicom_seg"}]
     store.finish(job_id, 1, "done", result={"scan_dir": "scan", "files": files, "scan_result": {}})
-    wrong = tmp_path / "wrong"
-    wrong.write_text(f"{USER}:not-the-password\n")
-    os.chmod(wrong, 0o600)
-    settings = DicomSettings.from_flags(port=0, allowed_aes=["ORTHANC"], ae_title=LISTENER_AE, host="127.0.0.1",
-                                        idle_s=1, destination=orthanc.dicomweb_url,
-                                        destination_auth=f"basic:{wrong}", retry_s=1)
-    sender = ResultSender(data, store, settings)
+    wrong, right = tmp_path / "wrong", tmp_path / "right"
+    for path, password in ((wrong, "not-the-password"), (right, PASSWORD)):
+        path.write_text(f"{USER}:{password}\n")
+        os.chmod(path, 0o600)
+    if case == "STOW refused":
+        first = {"destination": orthanc.dicomweb_url, "destination_auth": f"basic:{wrong}"}
+        then = {"destination": orthanc.dicomweb_url, "destination_auth": f"basic:{right}"}
+        where, reason = orthanc.dicomweb_url, "refused the credentials (HTTP 401"
+    else:
+        down = free_port()
+        orthanc.add_modality("nodulenet-sender", LISTENER_AE, free_port())  # Orthanc takes C-STOREs from it
+        first = {"destination": f"ORTHANC@127.0.0.1:{down}", "destination_auth": None}
+        then = {"destination": f"ORTHANC@127.0.0.1:{orthanc.dicom_port}", "destination_auth": None}
+        where, reason = first["destination"], f"cannot open a DICOM association with ORTHANC@127.0.0.1:{down}"
+
+    def sender(destination: str, destination_auth: str | None) -> ResultSender:
+        settings = DicomSettings.from_flags(port=0, allowed_aes=["ORTHANC"], ae_title=LISTENER_AE, host="127.0.0.1",
+                                            idle_s=1, destination=destination, destination_auth=destination_auth,
+                                            retry_s=1)
+        return ResultSender(data, store, settings)
+
     caplog.set_level("INFO", logger="nodulenet.serve.dicom")
-    assert sender.send_due() == 1
+    failing = sender(**first)
+    assert failing.send_due() == 1
     job = store.get(job_id)
-    delivery = sender.deliveries.get(job_id)
+    delivery = failing.deliveries.get(job_id)
     assert job.state == "done" and job.stage == "done; results not sent"
-    assert "seg.dcm + sr.dcm not sent to" in job.error and "refused the credentials (HTTP 401" in job.error
-    assert "attempt 1 of 8, next in 1 s" in job.error
+    assert f"seg.dcm + sr.dcm not sent to {where} yet (attempt 1 of 8, next in 1 s)" in job.error
+    assert reason in job.error, job.error
     assert delivery.state == "pending" and delivery.attempts == 1 and (scan_dir / "seg.dcm").is_file()
-    assert sender.send_due() == 0  # not due before its retry time
-    assert f"job {job_id}: seg.dcm + sr.dcm not sent to {orthanc.dicomweb_url} yet (attempt 1 of 8" in caplog.text
+    assert failing.send_due() == 0  # not due before its retry time
+    assert f"job {job_id}: seg.dcm + sr.dcm not sent to {where} yet (attempt 1 of 8" in caplog.text
 
-    right = tmp_path / "right"
-    right.write_text(f"{USER}:{PASSWORD}\n")
-    os.chmod(right, 0o600)
-    sender.settings = settings.__class__(**{**settings.__dict__, "destination_auth": parse_auth(f"basic:{right}")})
-    assert sender.send_due(now=time.time() + 2) == 1
-    delivery = sender.deliveries.get(job_id)
-    assert delivery.state == "sent" and delivery.attempts == 2 and len(delivery.sent) == 2
+    working = sender(**then)
+    assert working.send_due(now=time.time() + 2) == 1
+    delivery = working.deliveries.get(job_id)
+    seg_uid = str(pydicom.dcmread(scan_dir / "seg.dcm", stop_before_pixels=True).SOPInstanceUID)
+    assert delivery.state == "sent" and delivery.attempts == 2 and seg_uid in delivery.sent and len(delivery.sent) == 2
     assert store.get(job_id).error is None and store.get(job_id).stage.startswith("done; seg.dcm + sr.dcm sent")
+    found = orthanc.rest("POST", "/tools/find", json={"Level": "Instance", "Query": {"SOPInstanceUID": seg_uid}})
+    assert len(found) == 1
 
 
+@pytest.mark.slow
 def test_job_survives_a_restart_and_results_wait_for_orthanc(small_phantom_series: dict, tmp_path: Path) -> None:
     """A series received by a server with no workers is a queued job; after a restart a worker runs it while the
     destination Orthanc is down (the job record and the log say so), and the results arrive once it is up."""
