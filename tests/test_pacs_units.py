@@ -205,3 +205,19 @@ def test_a_busy_dicom_port_is_one_clear_error(tmp_path: Path) -> None:
                                     queue_size=5)
         with pytest.raises(NoduleNetError, match=f"cannot listen for DICOM on 127.0.0.1:{port} .*--dicom-port"):
             DicomListener(assembler, settings).start()
+
+
+def test_nodulenet_own_results_coming_back_are_acknowledged_and_not_predicted(tmp_path: Path) -> None:
+    from nodulenet.export.dicom_source import MANUFACTURER
+    from nodulenet.pacs.listener import SeriesAssembler
+
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    assembler = SeriesAssembler(tmp_path, store, DicomSettings(port=0, allowed_aes=("A",), idle_s=0.1),
+                                threshold=0.5, queue_size=5)
+    ds = pydicom.Dataset()
+    ds.SOPInstanceUID, ds.SeriesInstanceUID, ds.Modality, ds.Manufacturer = "1.2.3", "1.2.4", "SEG", MANUFACTURER
+    assert assembler.receive(ds, b"not kept", "A", "x") == (0, "")
+    ds.Manufacturer = "Another vendor"  # somebody else's SEG is a series like any other (and fails as not CT)
+    assert assembler.receive(ds, b"kept", "A", "x") == (0, "")
+    assert assembler.pending_series() == ["1.2.4"]
+    assert (tmp_path / "dicom-incoming" / "1.2.4" / "1.2.3.dcm").read_bytes() == b"kept"

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from nodulenet.errors import NoduleNetError
-from nodulenet.pacs.destination import send_files
+from nodulenet.pacs.destination import SEND_ORDER, send_files
 from nodulenet.pacs.listener import INPUT_KIND
 from nodulenet.pacs.settings import RETRY_CAP_S, DicomSettings
 from nodulenet.serve.store import JobStore, utc_now
@@ -47,8 +47,6 @@ CREATE TABLE IF NOT EXISTS dicom_deliveries (
     next_try REAL NOT NULL DEFAULT 0
 );
 """
-# SEG before SR: the SR references the SEG, and a PACS may check that what an SR references is there.
-SEND_ORDER = ("dicom_seg", "dicom_sr")
 
 
 @dataclass(frozen=True)

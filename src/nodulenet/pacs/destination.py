@@ -19,6 +19,9 @@ from nodulenet.pacs.settings import Destination
 logger = logging.getLogger(__name__)
 
 TIMEOUT_S = 30.0
+# Result files are sent SEG before SR: the SR references the SEG, and a PACS may check that what it references is
+# there. (Keys of ``ScanResult.details["files"]`` / the kinds in ``job_result.json``.)
+SEND_ORDER = ("dicom_seg", "dicom_sr")
 # pynetdicom's codes for why an association was rejected (PS3.8 9.3.4), in words.
 _REJECT_REASONS = {
     (1, 1): "no reason given", (1, 2): "application context not supported",

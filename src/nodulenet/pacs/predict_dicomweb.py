@@ -26,6 +26,7 @@ from typing import Any
 from nodulenet.errors import NoduleNetError
 from nodulenet.io.atomic import write_json_atomic
 from nodulenet.pacs.auth import DicomwebAuth
+from nodulenet.pacs.destination import SEND_ORDER
 from nodulenet.pacs.dicomweb import (
     choose_ct_series,
     connect,
@@ -37,7 +38,6 @@ from nodulenet.pacs.dicomweb import (
 logger = logging.getLogger(__name__)
 
 RECORD_FILE = "dicomweb.json"
-RESULT_KINDS = ("dicom_seg", "dicom_sr")  # the files sent back, in this order (the SR references the SEG)
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -57,7 +57,7 @@ class DicomwebRun:
 def result_files(details: dict[str, Any]) -> list[Path]:
     """The SEG and SR a scan result wrote (SEG first), from ``ScanResult.details["files"]``."""
     files = details.get("files", {})
-    return [Path(files[kind]) for kind in RESULT_KINDS if kind in files]
+    return [Path(files[kind]) for kind in SEND_ORDER if kind in files]
 
 
 def predict_from_dicomweb(url: str, study_uid: str, out_dir: str | Path, options: Any = None, *,
