@@ -65,7 +65,7 @@ def inspect(
 def phantom(
     out: Path = typer.Argument(..., help="Folder for scan, masks, annotations.csv and nodules.json."),
     seed: int = typer.Option(0, help="Seed: the same seed and settings give the same scan, byte for byte."),
-    fmt: str = typer.Option("nii.gz", "--format", help="Image format: nii.gz, nrrd or mhd."),
+    fmt: str = typer.Option("nii.gz", "--format", help="Image format: nii.gz, nrrd, mhd or dicom (a CT series folder scan/; masks nii.gz)."),
     n_nodules: Optional[int] = typer.Option(None, help="Number of nodules (default 4)."),
     adult: bool = typer.Option(False, help="384x384 in-plane grid: adult-sized chest (about 1.7x slower)."),
 ) -> None:

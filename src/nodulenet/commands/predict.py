@@ -98,8 +98,8 @@ def _options(weights: Optional[Path], device: str, threshold: float, max_memory:
 
 
 def predict_cmd(
-    scans: list[Path] = typer.Argument(..., help="DICOM series folder(s), .mhd/.nii/.nii.gz/.nrrd file(s), or a .txt "
-                                                  "file listing scans (one path per line)."),
+    scans: Optional[list[Path]] = typer.Argument(None, help="DICOM series folder(s), .mhd/.nii/.nii.gz/.nrrd file(s), "
+                                                 "or a .txt file listing scans (one path per line)."),
     out: Path = typer.Option(..., "-o", "--out", help="Output folder: one sub-folder per scan, plus summary.json."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Checkpoint (nodulenet model.pt or the "
                                            "published NoduleNet .ckpt). Default: the shipped demo model."),
@@ -128,9 +128,19 @@ def predict_cmd(
                                              "host that is not in known_hosts yet (a changed key is always refused)."),
     known_hosts: Optional[Path] = typer.Option(None, "--known-hosts", envvar="NODULENET_KNOWN_HOSTS",
                                                help="known_hosts file for --remote (default ~/.ssh/known_hosts)."),
+    dicomweb: Optional[str] = typer.Option(None, "--dicomweb", help="Fetch the scan from this DICOMweb server "
+                                           "(QIDO-RS/WADO-RS root, e.g. http://pacs:8042/dicom-web) instead of SCANS."),
+    study: Optional[str] = typer.Option(None, "--study", help="With --dicomweb: the StudyInstanceUID."),
+    series: Optional[str] = typer.Option(None, "--series", help="With --dicomweb: the SeriesInstanceUID (default: "
+                                         "the study's largest CT series)."),
+    store_results: bool = typer.Option(False, "--store-results", help="With --dicomweb: send seg.dcm and sr.dcm "
+                                       "back into the study (STOW-RS)."),
+    dicomweb_auth: Optional[str] = typer.Option(None, "--dicomweb-auth", envvar="NODULENET_DICOMWEB_AUTH",
+                                                help="none, basic:FILE (FILE holds user:password) or bearer:FILE."),
 ) -> None:
     """Find, measure and outline nodules in CT scans; write nodules.json, candidates.csv, a label map,
-    DICOM SEG + SR (DICOM input) and report.html per scan. Research software, not a medical device."""
+    DICOM SEG + SR (DICOM input) and report.html per scan. With --dicomweb the scan comes from a PACS and
+    --store-results sends SEG + SR back (docs/hospital.md). Research software, not a medical device."""
     _passive_openmp_threads()
     from nodulenet.errors import NoduleNetError
     from nodulenet.predict_api import predict_scans
@@ -139,6 +149,16 @@ def predict_cmd(
     console = _console()
     if server and remote:
         raise NoduleNetError("--server and --remote are two ways to run elsewhere: give one of them")
+    if dicomweb is None and (study or series or store_results):  # not --dicomweb-auth: it may come from the env
+        raise NoduleNetError("--study/--series/--store-results go with --dicomweb URL")
+    if dicomweb is not None:
+        if server or remote:
+            raise NoduleNetError("--dicomweb fetches the scan and predicts here: it cannot be combined with --server "
+                                 "or --remote")
+        if scans:
+            raise NoduleNetError("--dicomweb reads the scan from the DICOMweb server: give no SCANS with it")
+        if not study:
+            raise NoduleNetError("--dicomweb needs --study STUDY_INSTANCE_UID")
 
     def report(result: Any) -> None:
         if result.status == "failed":
@@ -149,7 +169,15 @@ def predict_cmd(
             console.print(f"[green]done[/] {result.scan}: {result.n_findings} finding(s) -> {result.out_dir} "
                           f"[dim]({_stage_line(result)})[/]", highlight=False)
 
-    if server:
+    if dicomweb is not None:
+        from nodulenet.pacs.auth import parse_auth
+        from nodulenet.pacs.predict_dicomweb import predict_from_dicomweb
+
+        fetched = predict_from_dicomweb(dicomweb, study, out, options, series_uid=series,  # type: ignore[arg-type]
+                                        auth=parse_auth(dicomweb_auth), store_results=store_results,
+                                        say=lambda text: console.print(text, highlight=False), on_result=report)
+        run = fetched.run
+    elif server:
         # The server runs its own model on its own device: options that choose those here would be ignored.
         local_only = {"--weights": weights is not None, "--device": device != "cpu",
                       "--max-memory": max_memory is not None, "--precision": precision != "auto",
@@ -160,16 +188,16 @@ def predict_cmd(
                                  f"and device (see `GET /v1/info`)")
         from nodulenet.serve.client_predict import run_on_server
 
-        run = run_on_server(scans, out, url=server, token=token, options=options, progress=True,
+        run = run_on_server(scans or [], out, url=server, token=token, options=options, progress=True,
                             on_result=report)
     elif remote:
         from nodulenet.remote.ssh import predict_over_ssh
 
-        run = predict_over_ssh(scans, out, target=remote, options=options, remote_python=remote_python,
+        run = predict_over_ssh(scans or [], out, target=remote, options=options, remote_python=remote_python,
                                identity_file=identity, accept_new_host_key=accept_new_host_key,
                                known_hosts=known_hosts, progress=True, on_result=report)
     else:
-        run = predict_scans(scans, out, options, progress=True, on_result=report)
+        run = predict_scans(scans or [], out, options, progress=True, on_result=report)
     done = sum(r.status != "failed" for r in run.results)
     console.print(f"{done} of {len(run.results)} scan(s) done; summary: {run.summary_path}", highlight=False)
     if run.failed:

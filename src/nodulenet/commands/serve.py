@@ -38,9 +38,26 @@ def serve_cmd(
     ssl_keyfile: Optional[Path] = typer.Option(None, "--ssl-keyfile", help="TLS private key (PEM)."),
     insecure: bool = typer.Option(False, "--insecure", help="Allow a non-loopback --host without TLS (the token "
                                                             "then crosses the network in clear text)."),
+    dicom_port: Optional[int] = typer.Option(None, "--dicom-port", help="Also listen for DICOM C-ECHO/C-STORE on "
+                                             "this port (e.g. 11112); each received series becomes a job."),
+    dicom_host: str = typer.Option("127.0.0.1", "--dicom-host", help="Address of the DICOM listener (0.0.0.0: all; "
+                                                                     "DICOM has no token: allow AE titles)."),
+    ae_title: str = typer.Option("NODULENET", "--ae-title", help="The listener's own AE title (also the calling AE "
+                                                                 "title when sending results)."),
+    dicom_allow_ae: list[str] = typer.Option([], "--dicom-allow-ae", help="A calling AE title that may send studies "
+                                             "(repeat for several); all others are refused at association."),
+    dicom_idle_s: float = typer.Option(10.0, "--dicom-idle-s", help="A series is complete after this many seconds "
+                                                                    "without a new instance."),
+    dicom_dest: Optional[str] = typer.Option(None, "--dicom-dest", help="Where SEG + SR go: AE@host:port "
+                                             "(C-STORE) or the http(s):// root of a DICOMweb server (STOW-RS)."),
+    dicom_dest_auth: Optional[str] = typer.Option(None, "--dicom-dest-auth", help="STOW-RS credentials: "
+                                                  "basic:FILE (user:password) or bearer:FILE."),
+    dicom_retry_s: float = typer.Option(15.0, "--dicom-retry-s", help="First retry of results that could not be "
+                                        "sent (doubling each time, at most 10 min; 8 tries in all)."),
 ) -> None:
-    """Serve predictions over HTTP (FastAPI + uvicorn): upload a scan, poll the job, download the outputs.
-    Research software, not a medical device. API: docs/server.md; schema: GET /openapi.json (with the token)."""
+    """Serve predictions over HTTP (FastAPI + uvicorn): upload a scan, poll the job, download the outputs; with
+    --dicom-port also a DICOM listener that predicts received series and sends SEG + SR to --dicom-dest.
+    Research software, not a medical device. API: docs/server.md, docs/hospital.md; schema: GET /openapi.json."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from rich.console import Console
 
@@ -59,4 +76,18 @@ def serve_cmd(
         from nodulenet.errors import InputError
 
         raise InputError(weights, "weights file does not exist")
-    run_server(settings, token_source=source, say=console.print)
+    services = []
+    if dicom_port is not None:
+        from nodulenet.pacs.service import DicomService
+        from nodulenet.pacs.settings import DicomSettings
+
+        dicom = DicomSettings.from_flags(port=dicom_port, allowed_aes=dicom_allow_ae, ae_title=ae_title,
+                                         host=dicom_host, idle_s=dicom_idle_s, destination=dicom_dest,
+                                         destination_auth=dicom_dest_auth, retry_s=dicom_retry_s)
+        services.append(DicomService(dicom, data, threshold=threshold, queue_size=queue_size))
+    elif dicom_allow_ae or dicom_dest or dicom_dest_auth:
+        from nodulenet.errors import NoduleNetError
+
+        raise NoduleNetError("--dicom-allow-ae/--dicom-dest/--dicom-dest-auth configure the DICOM listener: give "
+                             "--dicom-port too")
+    run_server(settings, token_source=source, say=console.print, services=services)

@@ -46,7 +46,7 @@ from .phantom_nodules import (
 
 # Bump when the same seed + config would give different arrays (recorded in nodules.json).
 PHANTOM_GENERATOR_VERSION = "1"
-PHANTOM_FORMATS = ("nii.gz", "mhd", "nrrd")
+PHANTOM_FORMATS = ("nii.gz", "mhd", "nrrd", "dicom")  # dicom: the scan as a CT series folder, masks .nii.gz
 F32 = np.float32
 
 __all__ = [
@@ -255,7 +255,8 @@ def _luna_csv(series_uid: str, nodules: Sequence[PhantomNodule]) -> str:
 def write_phantom(out_dir: str | Path, seed: int, config: PhantomConfig = PhantomConfig(), fmt: str = "nii.gz") -> dict[str, Path]:
     """Generate the phantom for ``seed`` and write it to ``out_dir``; return the written paths by name.
 
-    Files: ``scan.<fmt>`` (int16 HU), ``nodule_mask.<fmt>`` (uint16 instance ids), ``lung_mask.<fmt>``
+    Files: ``scan.<fmt>`` (int16 HU; ``scan/`` holding one DICOM CT slice per z for ``fmt="dicom"``, whose masks
+    are ``.nii.gz``), ``nodule_mask.<fmt>`` (uint16 instance ids), ``lung_mask.<fmt>``
     (uint8), ``annotations.csv`` (LUNA16 columns, world LPS mm, one row per nodule) and ``nodules.json``
     (records, geometry, seed, config, generator version). Every file is written atomically.
     """
@@ -268,10 +269,12 @@ def write_phantom(out_dir: str | Path, seed: int, config: PhantomConfig = Phanto
     if out.exists() and not out.is_dir():
         raise InputError(out, "exists and is not a folder")
     phantom = make_phantom(seed, config)
+    mask_fmt = "nii.gz" if fmt == "dicom" else fmt
     paths = {
-        "scan": write_image(phantom.image, out / f"scan.{fmt}"),
-        "nodule_mask": write_image(phantom.nodule_mask, out / f"nodule_mask.{fmt}"),
-        "lung_mask": write_image(phantom.lung_mask, out / f"lung_mask.{fmt}"),
+        "scan": _write_dicom_scan(phantom, out / "scan") if fmt == "dicom" else write_image(phantom.image,
+                                                                                              out / f"scan.{fmt}"),
+        "nodule_mask": write_image(phantom.nodule_mask, out / f"nodule_mask.{mask_fmt}"),
+        "lung_mask": write_image(phantom.lung_mask, out / f"lung_mask.{mask_fmt}"),
     }
     paths["annotations"] = write_text_atomic(out / "annotations.csv", _luna_csv(phantom.series_uid, phantom.nodules))
     record = {
@@ -288,6 +291,22 @@ def write_phantom(out_dir: str | Path, seed: int, config: PhantomConfig = Phanto
     }
     paths["nodules"] = write_json_atomic(out / "nodules.json", record)
     return paths
+
+
+def _write_dicom_scan(phantom: Phantom, folder: Path) -> Path:
+    """The phantom's scan as a CT series folder; its UIDs derive from the phantom's series UID (same seed, same
+    files)."""
+    from pydicom.uid import generate_uid
+
+    from nodulenet.io.dicom_write import SeriesIdentity, write_ct_series
+
+    uid = phantom.series_uid
+    identity = SeriesIdentity(
+        study_uid=generate_uid(entropy_srcs=[uid, "study"]), series_uid=uid,
+        frame_of_reference_uid=generate_uid(entropy_srcs=[uid, "frame of reference"]),
+        patient_id=f"PHANTOM-{phantom.seed:05d}", series_description=f"NoduleNet phantom seed {phantom.seed}")
+    write_ct_series(phantom.image, folder, identity)
+    return folder
 
 
 def _noise_sigma(hu: np.ndarray, lung_mask: np.ndarray) -> float:

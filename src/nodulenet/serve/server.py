@@ -22,7 +22,7 @@ import shutil
 import signal
 import socket
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import nodulenet
 from nodulenet.errors import NoduleNetError
@@ -111,8 +111,13 @@ def server_url(settings: ServerSettings, sock: socket.socket) -> str:
     return f"{'https' if settings.tls else 'http'}://{host}:{port}"
 
 
-def run_server(settings: ServerSettings, *, token_source: str, say: Callable[[str], None] = print) -> None:
-    """Run until SIGTERM/SIGINT (see the module docstring). ``say`` prints the start-up lines for the user."""
+def run_server(settings: ServerSettings, *, token_source: str, say: Callable[[str], None] = print,
+               services: Sequence[Any] = ()) -> None:
+    """Run until SIGTERM/SIGINT (see the module docstring). ``say`` prints the start-up lines for the user.
+
+    ``services`` run beside the HTTP API (the DICOM listener, :class:`nodulenet.pacs.service.DicomService`): each
+    has ``before_recover(store)``, ``start(store, say)`` (after the workers are ready) and ``stop()`` (before
+    the workers stop)."""
     try:
         import fastapi
         import uvicorn
@@ -132,6 +137,8 @@ def run_server(settings: ServerSettings, *, token_source: str, say: Callable[[st
     logger.info("starting nodulenet %s server: %s", nodulenet.__version__, json.dumps(settings.to_public_dict()))
     logger.info("token %s (%s)", token_fingerprint(settings.token), token_source)
     store = JobStore(settings.db_path)
+    for service in services:
+        service.before_recover(store)
     recovered = recover(settings, store)
     for what, action in recovered.items():
         logger.warning("recovery: job %s: %s", what, action)
@@ -140,10 +147,14 @@ def run_server(settings: ServerSettings, *, token_source: str, say: Callable[[st
     sock = bind_socket(settings.host, settings.port)
     url = server_url(settings, sock)
     pool = WorkerPool(settings, store)
+    started: list[Any] = []
     try:
         if settings.workers:
             say(f"loading the model in {settings.workers} worker(s)...")
             pool.start()
+        for service in services:
+            service.start(store, say)
+            started.append(service)
         app = create_app(settings, store=store, pool=pool)
         config = uvicorn.Config(app, host=settings.host, port=sock.getsockname()[1], log_config=None,
                                 access_log=True, lifespan="off", timeout_graceful_shutdown=10,
@@ -172,6 +183,8 @@ def run_server(settings: ServerSettings, *, token_source: str, say: Callable[[st
         if stopped_by:
             logger.info("stopping on %s", signal.Signals(stopped_by[0]).name)
     finally:
+        for service in reversed(started):
+            service.stop()
         pool.stop()
         sock.close()
         try:

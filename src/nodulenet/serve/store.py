@@ -157,6 +157,11 @@ class JobStore:
         finally:
             db.close()
 
+    def connect(self) -> Any:
+        """A short-lived connection with the store's settings (a context manager), for the tables other modules
+        keep in the same file (:mod:`nodulenet.pacs.delivery`)."""
+        return self._connect()
+
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         with self._connect() as db:
@@ -264,6 +269,14 @@ class JobStore:
                 f"WHERE id = ? AND state = 'running' {pid_clause}",
                 (state, utc_now(), 1.0 if state == "done" else 0.0, state, error,
                  None if result is None else json.dumps(result), job_id, *args))
+        return cur.rowcount == 1
+
+    def annotate_done(self, job_id: str, *, stage: str, error: str | None) -> bool:
+        """Say what happened after a job was done (its results sent on to a PACS, or not yet): ``stage`` and
+        ``error`` of a ``done`` job; False when the job is not done (deleted meanwhile)."""
+        with self._transaction() as db:
+            cur = db.execute("UPDATE jobs SET stage = ?, error = ? WHERE id = ? AND state = 'done'",
+                             (stage, error, job_id))
         return cur.rowcount == 1
 
     def recover_running(self, job_ids: list[str] | None, *, max_attempts: int, reason: str,
