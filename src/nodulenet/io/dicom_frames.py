@@ -193,7 +193,11 @@ def _transfer_syntax_name(path: Path) -> str:
 
 
 def _decode_error(path: Path, what: str, exc: Exception) -> InputError:
-    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    # pydicom lists each plugin's reason on its own line: keep them, on one line (the CLI prints one line).
+    lines = [line.strip(" :") for line in str(exc).splitlines() if line.strip(" :")]
+    reason = "; ".join(lines) if lines else type(exc).__name__
+    if len(reason) > 400:
+        reason = reason[:400] + "..."
     return InputError(path, f"cannot decode the pixel data of {what} (transfer syntax {_transfer_syntax_name(path)}; "
                             f"a truncated file or corrupt compressed data): {reason}")
 
