@@ -131,3 +131,20 @@ def corrupt_frame(path: Path, frame: int) -> None:
     frames[frame - 1] = data[:4] + b"\0" * (len(data) - 4)
     ds.PixelData = encapsulate(frames)
     ds.save_as(path, enforce_file_format=True)
+
+
+def lidc_variants(series_dir: Path, root: Path, *, classic_rle: bool = True) -> dict[str, Path]:
+    """Folders holding the classic series ``series_dir`` as one Enhanced CT file (uncompressed, JPEG-LS lossless,
+    JPEG 2000 lossless) and, with ``classic_rle``, as classic slices in RLE lossless."""
+    from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
+
+    files = sorted(series_dir.glob("*.dcm"))
+    enhanced = to_enhanced_ct(files, root / "enhanced" / "ct.dcm")
+    folders = {"enhanced": enhanced.parent}
+    for name, syntax in (("enhanced_jpegls", JPEGLSLossless), ("enhanced_jpeg2000", JPEG2000Lossless)):
+        folders[name] = compress_file(enhanced, root / name / "ct.dcm", syntax).parent
+    if classic_rle:
+        for f in files:
+            compress_file(f, root / "classic_rle" / f.name, RLELossless)
+        folders["classic_rle"] = root / "classic_rle"
+    return folders

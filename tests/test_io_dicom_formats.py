@@ -17,6 +17,7 @@ import pytest
 from _dicom_writers import (
     compress_file,
     corrupt_frame,
+    lidc_variants,
     sample_tilted_slices,
     to_enhanced_ct,
     write_ct_slices,
@@ -42,16 +43,7 @@ def classic(lidc_0001_series: Path) -> Volume:
 def variants(lidc_0001_series: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Folders holding LIDC-IDRI-0001 as: one Enhanced CT file (uncompressed, JPEG-LS lossless, JPEG 2000
     lossless), and classic slices in RLE lossless."""
-    root = tmp_path_factory.mktemp("lidc_variants")
-    files = sorted(lidc_0001_series.glob("*.dcm"))
-    enhanced = to_enhanced_ct(files, root / "enhanced" / "ct.dcm")
-    folders = {"enhanced": enhanced.parent}
-    for name, syntax in (("enhanced_jpegls", JPEGLSLossless), ("enhanced_jpeg2000", JPEG2000Lossless)):
-        folders[name] = compress_file(enhanced, root / name / "ct.dcm", syntax).parent
-    for f in files:
-        compress_file(f, root / "classic_rle" / f.name, RLELossless)
-    folders["classic_rle"] = root / "classic_rle"
-    return folders
+    return lidc_variants(lidc_0001_series, tmp_path_factory.mktemp("lidc_variants"))
 
 
 @pytest.mark.parametrize("variant", ["enhanced", "enhanced_jpegls", "enhanced_jpeg2000", "classic_rle"])
