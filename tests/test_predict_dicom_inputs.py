@@ -148,3 +148,15 @@ def test_console_script_corrupt_frame_exit_2_without_traceback(study, tmp_path: 
     assert run.returncode == 2, run.stdout + run.stderr
     assert "Traceback" not in run.stdout + run.stderr
     assert any(all(t in line for t in expected) for line in run.stdout.splitlines()), run.stdout
+
+
+def test_series_choice_travels_to_remote_and_is_refused_with_server(study, tmp_path: Path) -> None:
+    from nodulenet.predict_api import PredictOptions
+    from nodulenet.remote.session import remote_predict_command
+
+    command = remote_predict_command(PredictOptions(series_instance_uid="1.2.3.4"), "scans.txt", "out", None)
+    assert command.endswith("--series 1.2.3.4")
+    assert "--series" not in remote_predict_command(PredictOptions(), "scans.txt", "out", None)
+    result = _predict(study, [study["mixed"]], tmp_path / "out", "--series", "1.2.3", "--server", "http://127.0.0.1:9")
+    assert result.exit_code != 0 and "--series cannot be used with --server" in str(result.exception)
+    assert not (tmp_path / "out").exists()
