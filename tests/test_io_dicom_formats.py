@@ -215,15 +215,35 @@ def test_gantry_tilted_series_puts_the_nodule_within_1_5_mm(tilt_deg: float, sma
     assert np.linalg.norm(naive_world - np.asarray(truth.center_world_xyz_mm)) > 5.0
 
 
-def test_tilted_series_skips_dicom_seg_with_the_reason(small_phantom, tmp_path: Path) -> None:
-    from nodulenet.export.dicom_source import ExportSkipped, require_dicom_source
+def test_seg_of_a_tilted_series_lies_on_its_tilted_source_slices(small_phantom, tmp_path: Path) -> None:
+    """The findings live on the corrected grid; the SEG references the tilted source slices, so its frames must
+    hold the nodule where those slices recorded it."""
+    from nodulenet.export.dicom_seg import write_dicom_seg
+    from nodulenet.export.measurements import finding_from_mask
 
-    hu_slices, positions, orientation = sample_tilted_slices(
-        small_phantom.image, 10.0, 12, 2.5, small_phantom.image.origin_xyz_mm, 160, 160, -1024.0)
-    write_ct_slices(tmp_path, hu_slices, positions, orientation, (1.25, 1.25))
-    volume = read_dicom_series(tmp_path)
-    with pytest.raises(ExportSkipped, match="gantry tilt of 10.0 degrees"):
-        require_dicom_source(volume, "DICOM SEG")
+    image, truth = small_phantom.image, small_phantom.nodules[0]
+    mask = image.with_array((small_phantom.nodule_mask.array == truth.id).astype(np.float32) * 1000.0)
+    kw = dict(n_slices=30, table_step_mm=2.5, first_position_xyz=np.asarray(image.origin_xyz_mm) + [0, 0, 5.0],
+              rows=160, columns=160)
+    mask_slices, positions, orientation = sample_tilted_slices(mask, 12.0, fill=0.0, **kw)
+    write_ct_slices(tmp_path / "mask", mask_slices, positions, orientation, (1.25, 1.25), slice_thickness=2.5)
+    marked = read_dicom_series(tmp_path / "mask")
+    assert marked.meta["gantry_tilt_resampled"] and marked.shape_zyx[1] > 160
+    nodule = marked.array > 500
+    (z0, z1), (y0, y1), (x0, x1) = [(int(a.min()), int(a.max()) + 1) for a in np.nonzero(nodule)]
+    finding = finding_from_mask(1, 0.9, NoduleMask(nodule[z0:z1, y0:y1, x0:x1], (z0, y0, x0)), marked)
+    findings = ScanFindings(source=ScanSource.from_volume_meta(marked.meta), geometry=marked.geometry,
+                            findings=[finding], model=ModelInfo(), threshold=0.5)
+    seg = hd.seg.segread(write_dicom_seg(findings, marked, tmp_path / "seg.dcm"))
+    z_of_uid = {uid: z for z, uid in enumerate(marked.meta["sop_instance_uids"])}
+    on_source = np.zeros((30, 160, 160), dtype=bool)
+    pixels = seg.pixel_array if seg.pixel_array.ndim == 3 else seg.pixel_array[np.newaxis]
+    for frame, item in zip(pixels, seg.PerFrameFunctionalGroupsSequence):
+        uid = str(item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
+        on_source[z_of_uid[uid]] = frame.astype(bool)
+    recorded = np.stack(mask_slices) > 500  # the nodule as the tilted slices recorded it, pixel for pixel
+    dice = 2 * np.sum(on_source & recorded) / (on_source.sum() + recorded.sum())
+    assert recorded.sum() > 100 and dice > 0.95
 
 
 # ---------------------------------------------------------------------------------------------- series choice

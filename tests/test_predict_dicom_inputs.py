@@ -34,7 +34,8 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
 
     phantom = make_phantom(1, replace(SMALL_FLIPPED, flip_xyz=(False, False, False)))
     image = phantom.image
-    paths: dict[str, object] = {"root": root, "weights": _save_checkpoint(root / "tiny.pt", TEST_NET)}
+    paths: dict[str, object] = {"root": root, "weights": _save_checkpoint(root / "tiny.pt", TEST_NET),
+                                "image": image}
 
     # A study folder: the 40-slice CT, the same CT at 5 mm (20 slices), and a 60-image localizer series.
     mixed = root / "study"
@@ -160,3 +161,28 @@ def test_series_choice_travels_to_remote_and_is_refused_with_server(study, tmp_p
     result = _predict(study, [study["mixed"]], tmp_path / "out", "--series", "1.2.3", "--server", "http://127.0.0.1:9")
     assert result.exit_code != 0 and "--series cannot be used with --server" in str(result.exception)
     assert not (tmp_path / "out").exists()
+
+
+def test_gantry_tilted_series_predicts_and_says_so(study, tmp_path: Path) -> None:
+    import pydicom
+    from _dicom_writers import sample_tilted_slices
+
+    image = study["image"]
+    slices, positions, orientation = sample_tilted_slices(image, 15.0, 36, 2.5, image.origin_xyz_mm, 160, 160, -1024.0)
+    uids = write_ct_slices(tmp_path / "tilted", slices, positions, orientation, image.spacing_zyx[1:],
+                           slice_thickness=2.5, gantry_tilt_deg=15.0)
+    result = _predict(study, [tmp_path / "tilted"], tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    folder = Path(summary["scans"][0]["out_dir"])
+    nodules = json.loads((folder / "nodules.json").read_text())
+    assert nodules["source"]["gantry_tilt_deg"] == pytest.approx(15.0, abs=0.01)
+    assert nodules["source"]["series_instance_uid"] == uids
+    assert nodules["geometry"]["shape_zyx"][0] == 36 and nodules["geometry"]["shape_zyx"][1] > 160
+    assert nodules["findings"], "threshold 0: the random network's detections are findings"
+    seg = pydicom.dcmread(folder / "seg.dcm")  # on the tilted source slices, which it references
+    assert (seg.Rows, seg.Columns) == (160, 160)
+    sources = {str(s.ReferencedSOPInstanceUID) for f in seg.PerFrameFunctionalGroupsSequence
+               for d in f.DerivationImageSequence for s in d.SourceImageSequence}
+    written = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in (tmp_path / "tilted").iterdir()}
+    assert sources and sources <= written

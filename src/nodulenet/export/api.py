@@ -33,6 +33,7 @@ import numpy as np
 
 from nodulenet.export.dicom_source import (
     ExportSkipped,
+    labels_on_source_slices,
     read_source_headers,
     require_dicom_source,
     save_dataset,
@@ -160,7 +161,8 @@ def _export_dicom(findings: ScanFindings, hu: Volume, labels: np.ndarray, stagin
             raise ExportSkipped("DICOM SEG/SR", f"highdicom is not installed ({exc})") from None
         headers = _timed(result, "dicom_headers", lambda: read_source_headers(hu, "DICOM SEG"))
         order = source_frame_order(hu)
-        seg = _timed(result, "dicom_seg_build", lambda: build_dicom_seg(findings, labels, headers, order))
+        source_labels = labels_on_source_slices(hu, labels, headers)  # a gantry-tilt-corrected grid: back to the slices
+        seg = _timed(result, "dicom_seg_build", lambda: build_dicom_seg(findings, source_labels, headers, order))
         staged["dicom_seg"] = _timed(result, "dicom_seg", lambda: save_dataset(seg, staging / SEG_DCM))
         sr = _timed(result, "dicom_sr_build", lambda: build_dicom_sr(findings, seg, headers))
         staged["dicom_sr"] = _timed(result, "dicom_sr", lambda: save_dataset(sr, staging / SR_DCM))

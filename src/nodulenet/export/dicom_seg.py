@@ -30,6 +30,7 @@ from nodulenet.export.dicom_source import (
     MODEL_NAME,
     ExportSkipped,
     algorithm_version,
+    labels_on_source_slices,
     read_source_headers,
     require_dicom_source,
     save_dataset,
@@ -121,4 +122,5 @@ def write_dicom_seg(findings: ScanFindings, hu: Volume, path: str | Path, *, lab
     headers = list(source_headers) if source_headers is not None else read_source_headers(hu, "DICOM SEG")
     if label_array is None:
         label_array = label_array_from_findings(findings.findings, findings.geometry.shape_zyx)
+    label_array = labels_on_source_slices(hu, label_array, headers)
     return save_dataset(build_dicom_seg(findings, label_array, headers, source_frame_order(hu)), path)

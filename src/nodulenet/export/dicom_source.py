@@ -8,19 +8,23 @@ Their headers are read again (no pixel data); each must still carry the SOPInsta
 so a SEG/SR never references slices that changed since the scan was read. A multi-frame (Enhanced CT) source
 is one file listed for every slice, with ``volume.meta["frame_numbers"]`` saying which frame each slice is:
 its header is read once, and the SEG's frames are put in the source's frame order (:func:`source_frame_order`)
-so that each references its own source frame.
+so that each references its own source frame. A series resampled to correct a gantry tilt has its labels put
+back onto the tilted source slices first (:func:`labels_on_source_slices`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
 from nodulenet import __version__
 from nodulenet.errors import InputError, NoduleNetError
 from nodulenet.io.atomic import atomic_path
+from nodulenet.io.dicom_tilt import to_source_slices
 from nodulenet.io.findings import ScanFindings
 from nodulenet.io.volume import Volume
 
@@ -52,15 +56,25 @@ def require_dicom_source(hu: Volume, what: str) -> list[Path]:
     if len(files) != hu.shape_zyx[0]:
         raise ExportSkipped(what, f"the scan has {hu.shape_zyx[0]} slices but {len(files)} source files are "
                                   "recorded (was it resampled or cropped after reading?)")
-    if hu.meta.get("gantry_tilt_resampled"):
+    if hu.meta.get("gantry_tilt_resampled") and not hu.meta.get("gantry_tilt_source_offsets_rc_px"):
         raise ExportSkipped(what, f"the series was resampled to correct a gantry tilt of "
-                                  f"{hu.meta.get('gantry_tilt_deg')} degrees, so its voxels no longer line up with "
-                                  "the source slices' pixels; nodules.json and the label map are on the corrected grid")
+                                  f"{hu.meta.get('gantry_tilt_deg')} degrees and where its source slices lie on the "
+                                  "corrected grid is not recorded")
     frame_numbers = [f for f in hu.meta.get("frame_numbers") or [] if f is not None]
     if frame_numbers and len(set(files)) > 1:
         raise ExportSkipped(what, f"the series is spread over {len(set(files))} files of which some are multi-frame; "
                                   "a DICOM SEG here references one multi-frame source or single-frame slices")
     return [Path(f) for f in files]
+
+
+def labels_on_source_slices(hu: Volume, labels: np.ndarray, source_headers: Sequence[Dataset]) -> np.ndarray:
+    """The label map (on ``hu``'s grid) on the source slices' own pixels: itself, except for a series the reader
+    resampled to correct a gantry tilt, whose labels go back onto each tilted source slice (nearest neighbour)."""
+    offsets = hu.meta.get("gantry_tilt_source_offsets_rc_px")
+    if not hu.meta.get("gantry_tilt_resampled") or not offsets:
+        return labels
+    first = source_headers[0]
+    return to_source_slices(labels, np.asarray(offsets), int(first.Rows), int(first.Columns))
 
 
 def source_frame_order(hu: Volume) -> list[int] | None:

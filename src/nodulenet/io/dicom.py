@@ -57,6 +57,7 @@ from nodulenet.io.dicom_tilt import (
     TILT_FIT_TOL_PIXELS,
     measure_tilt,
     resample_tilted,
+    source_offsets_px,
 )
 from nodulenet.io.volume import Volume
 
@@ -481,7 +482,8 @@ def read_dicom_series(folder: str | Path, series_instance_uid: str | None = None
 
     Also ``image_type``, ``multi_frame``, ``transfer_syntax_uid``, ``padding_hu`` (PixelPaddingValue in HU, or
     None), ``gantry_tilt_deg`` (angle between the slice step and the slice normal; 0 for none),
-    ``gantry_tilt_resampled`` (True when the slices were shifted onto an orthogonal grid), ``other_series``
+    ``gantry_tilt_resampled`` (True when the slices were shifted onto an orthogonal grid; then
+    ``gantry_tilt_source_offsets_rc_px`` says where each source slice's first pixel lies on it), ``other_series``
     (the folder's other series, as :meth:`DicomSeriesInfo.to_dict`) and ``warnings`` (what was tolerated or
     corrected: uneven spacing, gantry tilt).
     """
@@ -551,6 +553,8 @@ def read_dicom_series(folder: str | Path, series_instance_uid: str | None = None
     meta["padding_hu"] = padding_hu
     meta["gantry_tilt_deg"] = round(tilt.angle_deg, 3) if tilt.needs_resampling else 0.0
     meta["gantry_tilt_resampled"] = tilt.needs_resampling
+    if tilt.needs_resampling:  # where each source slice lies on the corrected grid: a SEG maps its labels back
+        meta["gantry_tilt_source_offsets_rc_px"] = [[float(r), float(c)] for r, c in source_offsets_px(tilt)]
     meta["other_series"] = [i.to_dict() for i in infos if i.series_instance_uid != uid]
     meta["warnings"] = warnings
     spacing_zyx = (dz, float(spacing_rc[0]), float(spacing_rc[1]))

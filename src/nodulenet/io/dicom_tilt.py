@@ -7,6 +7,9 @@ in-plane axes and the normal as third axis; only its in-plane offset differs (th
 the exact correction is a 2D shift per slice (no interpolation between slices): here ``scipy.ndimage.shift``
 with linear interpolation. The grid grows in-plane to hold every shifted slice (no tissue is cut off); voxels
 outside the acquired field are filled with the series' padding value (air when it has none).
+
+The way back (a label map on the corrected grid onto the source slices, for a DICOM SEG that references them)
+is :func:`to_source_slices`: per slice a crop at that slice's offset, i.e. nearest-neighbour resampling.
 """
 
 from __future__ import annotations
@@ -76,3 +79,18 @@ def resample_tilted(slices: list[np.ndarray], tilt: GantryTilt, fill_value: floa
         out[k] = np.rint(moved) if integral else moved
         slices[k] = None  # type: ignore[call-overload]  # release memory as we go
     return out, (float(low[0]), float(low[1]))
+
+
+def source_offsets_px(tilt: GantryTilt) -> np.ndarray:
+    """Where each source slice's first pixel lies on the grid of :func:`resample_tilted`: (n, 2) rows, columns."""
+    low = np.floor(tilt.shift_rc_px.min(axis=0) + 1e-6)
+    return tilt.shift_rc_px - low
+
+
+def to_source_slices(array: np.ndarray, offsets_rc_px: np.ndarray, rows: int, columns: int) -> np.ndarray:
+    """``array`` (``(z, y, x)`` on the corrected grid, e.g. a label map) sampled back onto each source slice's
+    ``rows x columns`` pixels: nearest neighbour, so labels stay labels."""
+    out = np.empty((array.shape[0], rows, columns), dtype=array.dtype)
+    for k, (dr, dc) in enumerate(np.rint(np.asarray(offsets_rc_px, dtype=np.float64)).astype(int)):
+        out[k] = array[k, dr:dr + rows, dc:dc + columns]
+    return out
