@@ -133,7 +133,8 @@ def small_phantom():
 
 
 @pytest.mark.parametrize("syntax", [JPEGLSLossless, JPEG2000Lossless, RLELossless])
-def test_corrupt_compressed_frame_is_one_error_naming_file_and_frame(syntax: str, small_phantom, tmp_path: Path) -> None:
+def test_corrupt_compressed_frame_is_one_error_naming_file_and_frame(syntax: str, small_phantom,
+                                                                    tmp_path: Path) -> None:
     write_volume_as_series(small_phantom.image, tmp_path / "classic")
     files = sorted((tmp_path / "classic").glob("*.dcm"))[:8]
     enhanced = to_enhanced_ct(files, tmp_path / "enhanced.dcm")

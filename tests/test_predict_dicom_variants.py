@@ -39,7 +39,8 @@ def test_same_findings_as_the_classic_series(runs: dict[str, dict], variant: str
     assert classic["findings"], "the demo model finds the LUNA16 nodules of LIDC-IDRI-0001"
     assert other["geometry"] == classic["geometry"]
     keys = ("score", "center_world_xyz_mm", "center_zyx", "box_zyx", "diameter_mm", "volume_mm3", "mean_hu", "side")
-    assert [{k: f[k] for k in keys} for f in other["findings"]] == [{k: f[k] for k in keys} for f in classic["findings"]]
+    assert [{k: f[k] for k in keys} for f in other["findings"]] == \
+        [{k: f[k] for k in keys} for f in classic["findings"]]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

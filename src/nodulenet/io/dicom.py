@@ -400,7 +400,7 @@ def _decode(slices: list[DicomSlice]) -> list[np.ndarray]:
         s = slices[next(iter(frames.values()))]
         total = number_of_frames(s.header)
         multi = s.frame is not None
-        for number, frame in enumerate(decode_file(path, total, s.rows, s.columns), start=1):
+        for number, frame in enumerate(decode_file(path, total, s.rows, s.columns, s.header), start=1):
             k = frames.get(number if multi else None)
             if k is not None:
                 out[k] = frame

@@ -202,17 +202,36 @@ def _decode_error(path: Path, what: str, exc: Exception) -> InputError:
                             f"a truncated file or corrupt compressed data): {reason}")
 
 
-def decode_file(path: Path, frames: int, rows: int, columns: int) -> Iterator[np.ndarray]:
+# JPEG-LS Lossless / Near-Lossless. pydicom tries pylibjpeg(-libjpeg) first; pyjpegls (CharLS) decodes the
+# same frames 3.9x faster (LIDC-IDRI-0001 as Enhanced CT JPEG-LS: 0.63 s vs 2.43 s CPU for 133 frames).
+JPEG_LS_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"})
+
+
+def _decoding_plugin(header: Dataset) -> str:
+    syntax = str(getattr(getattr(header, "file_meta", None), "TransferSyntaxUID", "") or "")
+    if syntax in JPEG_LS_SYNTAXES:
+        try:
+            import jpeg_ls  # noqa: F401 - pyjpegls, a core dependency; without it pydicom picks what it has
+        except ImportError:
+            return ""
+        return "pyjpegls"
+    return ""
+
+
+def decode_file(path: Path, frames: int, rows: int, columns: int,
+                header: Dataset | None = None) -> Iterator[np.ndarray]:
     """The stored values of every frame of ``path``, in file order (no rescale applied).
 
     Frame by frame (pydicom's ``iter_pixels``), so a corrupt frame is named and memory stays at one frame.
+    ``header`` (the file's, without pixels) lets the fastest decoder be chosen for its transfer syntax.
     """
     from pydicom.pixels import iter_pixels
 
     produced = 0
     what = "the slice" if frames == 1 else f"frame {{}} of {frames}"
+    plugin = _decoding_plugin(header) if header is not None else ""
     try:
-        for frame in iter_pixels(path):
+        for frame in iter_pixels(path, decoding_plugin=plugin):
             produced += 1
             yield _checked_shape(path, np.asarray(frame), rows, columns, what.format(produced))
     except InputError:
