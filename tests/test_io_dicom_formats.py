@@ -23,7 +23,12 @@ from _dicom_writers import (
     write_ct_slices,
     write_volume_as_series,
 )
-from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless, SecondaryCaptureImageStorage
+from pydicom.uid import (
+    JPEG2000Lossless,
+    JPEGLSLossless,
+    RLELossless,
+    SecondaryCaptureImageStorage,
+)
 
 from nodulenet.errors import InputError
 from nodulenet.io.dicom import list_dicom_series, read_dicom_series

@@ -14,7 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _dicom_writers import compress_file, corrupt_frame, to_enhanced_ct, write_ct_slices, write_volume_as_series
+from _dicom_writers import (
+    compress_file,
+    corrupt_frame,
+    to_enhanced_ct,
+    write_ct_slices,
+    write_volume_as_series,
+)
 from pydicom.uid import JPEGLSLossless, MRImageStorage
 from test_predict_cohort import SMALL_FLIPPED, TEST_NET, _cli, _save_checkpoint
 from typer.testing import CliRunner
