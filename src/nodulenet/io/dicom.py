@@ -316,7 +316,8 @@ def choose_series(folder: Path, infos: list[DicomSeriesInfo], series_instance_ui
     if len(infos) > 1:
         others = "; ".join(i.summary() for i in infos if i is not chosen)
         logger.info("%s holds %d series; reading %s (the CT series with the most slices, then the thinnest); "
-                    "passed over: %s. Choose another with --series UID.", folder, len(infos), chosen.summary(), others)
+                    "passed over: %s. To read another: predict --series UID (inspect --series-uid UID).",
+                    folder, len(infos), chosen.summary(), others)
     return chosen.series_instance_uid
 
 
