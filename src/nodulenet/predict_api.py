@@ -59,6 +59,8 @@ class PredictOptions:
     # to 1e-5 voxel / 3e-7 score), off for CUDA (not measured there).
     channels_last: bool | None = None
     threads: int | None = None  # CPU threads for torch (None: torch's default, one per core)
+    # DICOM: read this SeriesInstanceUID from the scan's folder (None: the series a reader would pick, logged)
+    series_instance_uid: str | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= float(self.threshold) <= 1.0:
@@ -248,7 +250,7 @@ class Predictor:
             return result
         t0 = time.perf_counter()
         try:
-            ct = read_scan(item.path)
+            ct = read_scan(item.path, series_instance_uid=self.options.series_instance_uid)
             t_read = time.perf_counter() - t0
             prediction = self.predict_volume(ct)
             prediction.findings.timings["read_s"] = round(t_read, 3)

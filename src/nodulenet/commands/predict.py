@@ -3,7 +3,8 @@
 Thin wrappers over :mod:`nodulenet.predict_api`; heavy imports (torch, SimpleITK, the model) happen inside the
 functions so ``nodulenet --help`` stays instant. Errors with the user's input or options raise
 :class:`~nodulenet.errors.NoduleNetError` (one line, exit code 2, printed by ``nodulenet.cli.main``); a cohort in
-which some scans failed prints each error and exits with code 1 after finishing the others.
+which some scans failed prints each error and exits with code 1 after finishing the others (code 2 when no scan
+was done and every failure was bad input, e.g. a single unreadable scan).
 
 Register with::
 
@@ -89,12 +90,13 @@ def _stage_line(result: Any) -> str:
 
 
 def _options(weights: Optional[Path], device: str, threshold: float, max_memory: Optional[float], precision: str,
-             label_format: str, no_dicom: bool, redo: bool, threads: Optional[int]) -> Any:
+             label_format: str, no_dicom: bool, redo: bool, threads: Optional[int],
+             series: Optional[str] = None) -> Any:
     from nodulenet.predict_api import PredictOptions
 
     return PredictOptions(weights=weights, device=device, threshold=threshold, max_memory_gb=max_memory,
                           precision=precision, label_format=label_format, dicom_outputs=not no_dicom, redo=redo,
-                          threads=threads)
+                          threads=threads, series_instance_uid=series)
 
 
 def predict_cmd(
@@ -114,6 +116,9 @@ def predict_cmd(
     no_dicom: bool = typer.Option(False, "--no-dicom", help="Do not write DICOM SEG/SR for DICOM input."),
     redo: bool = typer.Option(False, "--redo", help="Recompute scans whose complete output is already there."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: one per core)."),
+    series: Optional[str] = typer.Option(None, "--series", help="DICOM: read the series with this SeriesInstanceUID "
+                                         "(from the scan's folder, or with --dicomweb from the study; default: the "
+                                         "CT series with the most, then thinnest, slices; the choice is logged)."),
     server: Optional[str] = typer.Option(None, "--server", envvar="NODULENET_SERVER",
                                          help="Run on a nodulenet server (http[s]://host:port) instead of here."),
     token: Optional[str] = typer.Option(None, "--token", envvar="NODULENET_TOKEN",
@@ -131,8 +136,6 @@ def predict_cmd(
     dicomweb: Optional[str] = typer.Option(None, "--dicomweb", help="Fetch the scan from this DICOMweb server "
                                            "(QIDO-RS/WADO-RS root, e.g. http://pacs:8042/dicom-web) instead of SCANS."),
     study: Optional[str] = typer.Option(None, "--study", help="With --dicomweb: the StudyInstanceUID."),
-    series: Optional[str] = typer.Option(None, "--series", help="With --dicomweb: the SeriesInstanceUID (default: "
-                                         "the study's largest CT series)."),
     store_results: bool = typer.Option(False, "--store-results", help="With --dicomweb: send seg.dcm and sr.dcm "
                                        "back into the study (STOW-RS)."),
     dicomweb_auth: Optional[str] = typer.Option(None, "--dicomweb-auth", envvar="NODULENET_DICOMWEB_AUTH",
@@ -145,12 +148,13 @@ def predict_cmd(
     from nodulenet.errors import NoduleNetError
     from nodulenet.predict_api import predict_scans
 
-    options = _options(weights, device, threshold, max_memory, precision, label_format, no_dicom, redo, threads)
+    options = _options(weights, device, threshold, max_memory, precision, label_format, no_dicom, redo, threads,
+                       series)
     console = _console()
     if server and remote:
         raise NoduleNetError("--server and --remote are two ways to run elsewhere: give one of them")
-    if dicomweb is None and (study or series or store_results):  # not --dicomweb-auth: it may come from the env
-        raise NoduleNetError("--study/--series/--store-results go with --dicomweb URL")
+    if dicomweb is None and (study or store_results):  # not --dicomweb-auth: it may come from the env
+        raise NoduleNetError("--study/--store-results go with --dicomweb URL")
     if dicomweb is not None:
         if server or remote:
             raise NoduleNetError("--dicomweb fetches the scan and predicts here: it cannot be combined with --server "
@@ -159,6 +163,8 @@ def predict_cmd(
             raise NoduleNetError("--dicomweb reads the scan from the DICOMweb server: give no SCANS with it")
         if not study:
             raise NoduleNetError("--dicomweb needs --study STUDY_INSTANCE_UID")
+    if server and series:
+        raise NoduleNetError("--series cannot be used with --server: upload the chosen series' folder instead")
 
     def report(result: Any) -> None:
         if result.status == "failed":
@@ -202,7 +208,10 @@ def predict_cmd(
     console.print(f"{done} of {len(run.results)} scan(s) done; summary: {run.summary_path}", highlight=False)
     if run.failed:
         console.print(f"[bold red]{len(run.failed)} scan(s) failed[/] (errors above and in {run.summary_path.name})")
-        raise typer.Exit(1)
+        # Nothing done and every failure the input's fault (a NoduleNetError keeps no traceback): exit 2, like any
+        # other bad input. A cohort with some scans done, or an unexpected crash, exits 1.
+        bad_input = len(run.failed) == len(run.results) and all(r.traceback is None for r in run.failed)
+        raise typer.Exit(2 if bad_input else 1)
 
 
 def demo_cmd(

@@ -31,7 +31,14 @@ from typing import Any
 
 import numpy as np
 
-from nodulenet.export.dicom_source import ExportSkipped, read_source_headers, require_dicom_source, save_dataset
+from nodulenet.export.dicom_source import (
+    ExportSkipped,
+    labels_on_source_slices,
+    read_source_headers,
+    require_dicom_source,
+    save_dataset,
+    source_frame_order,
+)
 from nodulenet.export.labelmap import label_array_from_findings, write_label_map
 from nodulenet.export.report import write_report
 from nodulenet.export.tables import write_candidates_csv, write_nodules_json
@@ -153,7 +160,9 @@ def _export_dicom(findings: ScanFindings, hu: Volume, labels: np.ndarray, stagin
         except ImportError as exc:
             raise ExportSkipped("DICOM SEG/SR", f"highdicom is not installed ({exc})") from None
         headers = _timed(result, "dicom_headers", lambda: read_source_headers(hu, "DICOM SEG"))
-        seg = _timed(result, "dicom_seg_build", lambda: build_dicom_seg(findings, labels, headers))
+        order = source_frame_order(hu)
+        source_labels = labels_on_source_slices(hu, labels, headers)  # a gantry-tilt-corrected grid: back to the slices
+        seg = _timed(result, "dicom_seg_build", lambda: build_dicom_seg(findings, source_labels, headers, order))
         staged["dicom_seg"] = _timed(result, "dicom_seg", lambda: save_dataset(seg, staging / SEG_DCM))
         sr = _timed(result, "dicom_sr_build", lambda: build_dicom_sr(findings, seg, headers))
         staged["dicom_sr"] = _timed(result, "dicom_sr", lambda: save_dataset(sr, staging / SR_DCM))

@@ -5,7 +5,9 @@ property category/type SNOMED CT "Morphologically Abnormal Structure" / "Nodule"
 algorithm type AUTOMATIC identified as "NoduleNet" + version, tracking id "Nodule <id>" with a fresh
 tracking UID (the SR's measurement groups carry the same UID). Frame i of the label array (``(z, y, x)``, the
 scan's own grid) is derived from source slice i, i.e. ``volume.meta["source_files"][i]``, which the DICOM
-reader lists in the array's z order. Only frames holding nodule voxels are stored.
+reader lists in the array's z order. Only frames holding nodule voxels are stored. For a multi-frame (Enhanced
+CT) source the label slices are put in the source's frame order first, so that each SEG frame references its
+source frame (``ReferencedFrameNumber``).
 
 The source slices' headers are read again (no pixel data, see :mod:`nodulenet.export.dicom_source`).
 
@@ -28,9 +30,11 @@ from nodulenet.export.dicom_source import (
     MODEL_NAME,
     ExportSkipped,
     algorithm_version,
+    labels_on_source_slices,
     read_source_headers,
     require_dicom_source,
     save_dataset,
+    source_frame_order,
 )
 from nodulenet.io.findings import ScanFindings
 from nodulenet.io.volume import Volume
@@ -64,13 +68,20 @@ def _segment_descriptions(findings: ScanFindings) -> list[hd.seg.SegmentDescript
     ]
 
 
-def build_dicom_seg(findings: ScanFindings, label_array: np.ndarray,
-                    source_headers: Sequence[Dataset]) -> hd.seg.Segmentation:
-    """The SEG dataset for ``label_array`` (``(z, y, x)``, value = finding id, frame i from slice i)."""
+def build_dicom_seg(findings: ScanFindings, label_array: np.ndarray, source_headers: Sequence[Dataset],
+                    frame_order: Sequence[int] | None = None) -> hd.seg.Segmentation:
+    """The SEG dataset for ``label_array`` (``(z, y, x)``, value = finding id, frame i from slice i).
+
+    ``frame_order`` (:func:`~nodulenet.export.dicom_source.source_frame_order`): for one multi-frame source,
+    the z index of each of its frames in frame order.
+    """
     if not findings.findings:
         raise ExportSkipped("DICOM SEG", "no findings (a DICOM SEG needs at least one segment)")
     first = source_headers[0]
-    expected = (len(source_headers), int(first.Rows), int(first.Columns))
+    if frame_order is not None:
+        label_array = label_array[np.asarray(frame_order)]
+    frames = len(source_headers) if frame_order is None else int(first.get("NumberOfFrames") or 1)
+    expected = (frames, int(first.Rows), int(first.Columns))
     if tuple(label_array.shape) != expected:
         raise ValueError(f"label array {label_array.shape} does not match the source series {expected} "
                          "(slices, rows, columns)")
@@ -111,4 +122,5 @@ def write_dicom_seg(findings: ScanFindings, hu: Volume, path: str | Path, *, lab
     headers = list(source_headers) if source_headers is not None else read_source_headers(hu, "DICOM SEG")
     if label_array is None:
         label_array = label_array_from_findings(findings.findings, findings.geometry.shape_zyx)
-    return save_dataset(build_dicom_seg(findings, label_array, headers), path)
+    label_array = labels_on_source_slices(hu, label_array, headers)
+    return save_dataset(build_dicom_seg(findings, label_array, headers, source_frame_order(hu)), path)

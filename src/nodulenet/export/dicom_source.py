@@ -5,19 +5,26 @@ orchestrator can decide "skipped (input was not DICOM)" without the DICOM writer
 
 The source slices are ``volume.meta["source_files"]``, listed by the DICOM reader in the array's z order.
 Their headers are read again (no pixel data); each must still carry the SOPInstanceUID the reader recorded,
-so a SEG/SR never references slices that changed since the scan was read.
+so a SEG/SR never references slices that changed since the scan was read. A multi-frame (Enhanced CT) source
+is one file listed for every slice, with ``volume.meta["frame_numbers"]`` saying which frame each slice is:
+its header is read once, and the SEG's frames are put in the source's frame order (:func:`source_frame_order`)
+so that each references its own source frame. A series resampled to correct a gantry tilt has its labels put
+back onto the tilted source slices first (:func:`labels_on_source_slices`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
 from nodulenet import __version__
 from nodulenet.errors import InputError, NoduleNetError
 from nodulenet.io.atomic import atomic_path
+from nodulenet.io.dicom_tilt import to_source_slices
 from nodulenet.io.findings import ScanFindings
 from nodulenet.io.volume import Volume
 
@@ -49,7 +56,39 @@ def require_dicom_source(hu: Volume, what: str) -> list[Path]:
     if len(files) != hu.shape_zyx[0]:
         raise ExportSkipped(what, f"the scan has {hu.shape_zyx[0]} slices but {len(files)} source files are "
                                   "recorded (was it resampled or cropped after reading?)")
+    if hu.meta.get("gantry_tilt_resampled") and not hu.meta.get("gantry_tilt_source_offsets_rc_px"):
+        raise ExportSkipped(what, f"the series was resampled to correct a gantry tilt of "
+                                  f"{hu.meta.get('gantry_tilt_deg')} degrees and where its source slices lie on the "
+                                  "corrected grid is not recorded")
+    frame_numbers = [f for f in hu.meta.get("frame_numbers") or [] if f is not None]
+    if frame_numbers and len(set(files)) > 1:
+        raise ExportSkipped(what, f"the series is spread over {len(set(files))} files of which some are multi-frame; "
+                                  "a DICOM SEG here references one multi-frame source or single-frame slices")
     return [Path(f) for f in files]
+
+
+def labels_on_source_slices(hu: Volume, labels: np.ndarray, source_headers: Sequence[Dataset]) -> np.ndarray:
+    """The label map (on ``hu``'s grid) on the source slices' own pixels: itself, except for a series the reader
+    resampled to correct a gantry tilt, whose labels go back onto each tilted source slice (nearest neighbour)."""
+    offsets = hu.meta.get("gantry_tilt_source_offsets_rc_px")
+    if not hu.meta.get("gantry_tilt_resampled") or not offsets:
+        return labels
+    first = source_headers[0]
+    return to_source_slices(labels, np.asarray(offsets), int(first.Rows), int(first.Columns))
+
+
+def source_frame_order(hu: Volume) -> list[int] | None:
+    """For a multi-frame source: the array's z index of each source frame, in frame order (so that
+    ``labels[order]`` lists the label slices as the source's frames 1..N); None for single-frame slices."""
+    frames = hu.meta.get("frame_numbers") or []
+    if not frames or frames[0] is None:
+        return None
+    order = sorted(range(len(frames)), key=lambda z: int(frames[z]))
+    if [int(frames[z]) for z in order] != list(range(1, len(frames) + 1)):
+        # Frames left out (localizer frames in the file): the SEG cannot list one label frame per source frame.
+        raise ExportSkipped("DICOM SEG", f"the multi-frame source has frames the scan does not use (frame numbers "
+                                         f"{min(frames)}..{max(frames)} for {len(frames)} slices)")
+    return order
 
 
 def read_source_headers(hu: Volume, what: str = "DICOM export") -> list[Dataset]:
@@ -57,7 +96,8 @@ def read_source_headers(hu: Volume, what: str = "DICOM export") -> list[Dataset]
     files = require_dicom_source(hu, what)
     expected_uids = hu.meta.get("sop_instance_uids") or [None] * len(files)
     headers: list[Dataset] = []
-    for path, uid in zip(files, expected_uids):
+    # A multi-frame file stands for all its slices: read it once.
+    for path, uid in dict.fromkeys(zip(files, expected_uids)):
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
         except FileNotFoundError:

@@ -20,7 +20,8 @@ Example ``nodules.json`` (abridged)::
     {"schema": "nodulenet.nodules/1", "nodulenet_version": "0.1.0", "created_utc": "2025-01-01T12:00:00Z",
      "source": {"path": ".../LIDC-IDRI-0001/...", "format": "dicom", "series_instance_uid": "1.3.6...",
                 "study_instance_uid": "1.3.6...", "frame_of_reference_uid": "1.3.6...",
-                "patient_id": "LIDC-IDRI-0001", "patient_name": "", "study_date": "20000101"},
+                "patient_id": "LIDC-IDRI-0001", "patient_name": "", "study_date": "20000101",
+                "gantry_tilt_deg": 0.0},
      "geometry": {"shape_zyx": [133, 512, 512], "spacing_zyx": [2.5, 0.703125, 0.703125],
                   "origin_xyz_mm": [-166.0, -171.7, -340.0], "direction": [1, 0, 0, 0, 1, 0, 0, 0, 1]},
      "model": {"name": "NoduleNet", "version": "1", "weights_sha256": "ab12...", "config_sha256": "cd34..."},
@@ -233,6 +234,9 @@ class ScanSource:
     patient_id: str | None = None
     patient_name: str | None = None
     study_date: str | None = None
+    # DICOM input: the gantry tilt in degrees (0: none); non-zero means the reader resampled the sheared series
+    # onto an orthogonal grid, which ``geometry`` describes. None for input that is not DICOM.
+    gantry_tilt_deg: float | None = None
 
     @classmethod
     def from_volume_meta(cls, meta: Mapping[str, Any]) -> ScanSource:
@@ -251,6 +255,7 @@ class ScanSource:
             patient_id=text("patient_id"),
             patient_name=text("patient_name"),
             study_date=text("study_date"),
+            gantry_tilt_deg=None if meta.get("gantry_tilt_deg") is None else float(meta["gantry_tilt_deg"]),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -259,8 +264,10 @@ class ScanSource:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ScanSource:
         _require(d, ("path", "format"), "source")
-        known = {k: (None if d.get(k) is None else str(d[k])) for k in cls.__dataclass_fields__}
-        return cls(**known)  # type: ignore[arg-type]
+        known: dict[str, Any] = {k: (None if d.get(k) is None else str(d[k])) for k in cls.__dataclass_fields__}
+        # absent (None) in files written before it was recorded
+        known["gantry_tilt_deg"] = _optional_float(d.get("gantry_tilt_deg"), "source.gantry_tilt_deg")
+        return cls(**known)
 
 
 @dataclass(frozen=True)

@@ -85,6 +85,8 @@ def remote_predict_command(options: PredictOptions, scans_file: str, out: str, r
         words.append("--no-dicom")
     if options.redo:
         words.append("--redo")
+    if options.series_instance_uid is not None:
+        words += ["--series", shlex.quote(options.series_instance_uid)]
     return " ".join(words)
 
 
