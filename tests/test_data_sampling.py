@@ -144,6 +144,8 @@ def test_no_negative_or_hard_negative_crop_is_anchored_on_an_excluded_finding(ca
         sample = make_crop(excluded_case, spec, crop, aug, np.random.default_rng([5, k]),
                            hard_negative=on_it if kind == "hard_negative" else None)
         anchors.append((kind, np.asarray(sample.info["anchor_zyx"])))
+        if kind == "hard_negative":  # its mined point is on the excluded finding: a lung anchor replaces it
+            assert sample.kind == "hard_negative" and sample.info["anchor_kind"] == "lung"
     for kind, anchor in anchors:
         distance = np.linalg.norm(case.geometry.voxel_to_world(anchor) - centre_world)
         assert distance >= radius_mm, f"a {kind} crop anchored {distance:.1f} mm from the excluded finding's centre"

@@ -225,7 +225,9 @@ def make_crop(case: PreparedCase, spec: CropSpec, crop: CropConfig, aug: Augment
         nodule_ids=ids,
         case_id=case.case_id,
         kind=spec.kind,
-        info={"orientation": orientation.to_dict(), "anchor_zyx": [round(float(v), 3) for v in anchor],
+        # anchor_kind: what the anchor really is (a hard negative on an excluded finding becomes a lung anchor).
+        info={"orientation": orientation.to_dict(), "anchor_kind": kind,
+              "anchor_zyx": [round(float(v), 3) for v in anchor],
               "anchor_out_zyx": [round(float(v), 3) for v in transform.to_output(anchor[None])[0]]},
     )
 
