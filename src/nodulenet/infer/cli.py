@@ -78,7 +78,7 @@ def no_findings_line(result: Any, threshold: float) -> str:
     """What a scan without findings gets said: the threshold, and the best candidate below it (where it is)."""
     below = getattr(result, "below_threshold", None) or []
     if not below:
-        return f"no nodule scored >= {threshold:g}; the network proposed no candidate at all"
+        return f"no nodule scored >= {threshold:g}, and no candidate scored lower either"
     best = below[0]
     x, y, z = best["center_world_xyz_mm"]
     where = _slice_text(best)
