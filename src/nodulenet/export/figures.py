@@ -41,7 +41,7 @@ TITLE_PX = 26
 MARGIN_PX = 8
 DASH_PX = 6  # dash length of other findings' outlines
 PANEL_TOP_PX = 2 * TITLE_PX  # the figure title, then the panel titles, then the panels
-OVERVIEW_PX = 420  # width of the whole-slice overview panel
+OVERVIEW_PX = 512  # largest width of the whole-slice overview (a 512-column scan is shown 1:1)
 RING_RGB = (0, 230, 118)  # #00e676: the ring around the finding on the overview
 
 
@@ -223,7 +223,7 @@ def nodule_figure_png(hu: Volume, label_array: np.ndarray, finding: NoduleFindin
     left_axial, left_coronal = MARGIN_PX, 2 * MARGIN_PX + axial.rgb.shape[1]
     _labelled_panel(canvas, draw, axial, left_axial, f"axial {axial_slice_name(hu, z_axial)}   long axis {long_axis}",
                     letters)
-    _labelled_panel(canvas, draw, coronal, left_coronal, f"coronal y={y_coronal}", letters)
+    _labelled_panel(canvas, draw, coronal, left_coronal, "coronal, through the centre", letters)
     if finding.long_axis_zyx is not None:
         (_, ay, ax_), (_, by, bx) = finding.long_axis_zyx
         pa, pb = axial.point(ay - y0, ax_ - x0), axial.point(by - y0, bx - x0)
