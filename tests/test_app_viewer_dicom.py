@@ -41,7 +41,8 @@ def predict_out(lidc_0001_series: Path, tmp_path_factory: pytest.TempPathFactory
     half = np.ceil(10.0 / spacing).astype(int)
     lo = np.round(centre).astype(int) - half
     grid = np.stack(np.meshgrid(*[np.arange(a, a + 2 * h + 1) for a, h in zip(lo, half)], indexing="ij"), -1)
-    mask = NoduleMask((((grid - centre) * spacing) ** 2).sum(-1) <= 100.0, tuple(int(v) for v in lo))  # type: ignore[arg-type]
+    inside = (((grid - centre) * spacing) ** 2).sum(-1) <= 100.0
+    mask = NoduleMask(inside, tuple(int(v) for v in lo))  # type: ignore[arg-type]
     scan = ScanFindings(ScanSource.from_volume_meta(hu.meta), hu.geometry, [finding_from_mask(1, 0.9, mask, hu)],
                         ModelInfo(version="test"), threshold=0.5)
     root = tmp_path_factory.mktemp("predict_out")

@@ -2,8 +2,9 @@
 
 Columns (units in the header): id, score, long-axis diameter (mm), volume (mm³), centre x, y, z (world LPS mm),
 side (the patient's right or left lung, from the body midline; "bone" / "outside the lungs" when the finding is
-not in a lung), image (the centre slice as a PACS numbers it: DICOM InstanceNumber, else z mm). Display text is rounded; sorting uses the
-unrounded numbers (``SORT_ROLE``), and ``FINDING_ID_ROLE`` gives a row's finding id whatever the sort order.
+not in a lung), Im (the centre slice as a PACS numbers it: DICOM InstanceNumber, else z mm). Display text is
+rounded; sorting uses the unrounded numbers (``SORT_ROLE``), and ``FINDING_ID_ROLE`` gives a row's finding id
+whatever the sort order.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("volume_mm3", "vol. mm³", "mask volume, mm³"),
     ("location", "centre x, y, z mm", "mask centre in world coordinates (DICOM LPS, mm)"),
     ("side", "side", "the patient's lung side (right or left of the body midline); flagged when not in a lung"),
-    ("slice", "image", "centre slice: its DICOM image number (InstanceNumber) as a PACS shows it, else its z in mm"),
+    ("slice", "Im", "centre slice: its DICOM image number (InstanceNumber) as a PACS shows it, else its z in mm"),
 )
 SORT_ROLE = int(Qt.ItemDataRole.UserRole) + 1
 FINDING_ID_ROLE = int(Qt.ItemDataRole.UserRole) + 2

@@ -107,7 +107,8 @@ def export_all(findings: ScanFindings, hu_volume: Volume, out_dir: str | Path, *
 
     ``hu_volume`` is the scan as read (original grid; its ``meta`` names the DICOM source slices).
     ``dicom=False`` skips SEG/SR; for non-DICOM input they are skipped with the reason in
-    :attr:`ExportResult.skipped`; without findings the SEG is skipped and the SR says "no findings". ``lidc`` forces the report's LIDC-IDRI credit line (default: detected).
+    :attr:`ExportResult.skipped`; without findings the SEG is skipped and the SR says "no findings". ``lidc`` forces
+    the report's LIDC-IDRI credit line (default: detected).
     ``nodules.json`` records the writers' times in ``timings`` as ``export_<kind>_s``.
     """
     if label_format not in LABEL_FORMATS:
