@@ -41,7 +41,7 @@ TITLE_PX = 26
 MARGIN_PX = 8
 DASH_PX = 6  # dash length of other findings' outlines
 PANEL_TOP_PX = 2 * TITLE_PX  # the figure title, then the panel titles, then the panels
-OVERVIEW_PX = 512  # largest width of the whole-slice overview (a 512-column scan is shown 1:1)
+OVERVIEW_PX = 360  # largest width of the whole-slice overview
 RING_RGB = (0, 230, 118)  # #00e676: the ring around the finding on the overview
 
 
@@ -152,22 +152,27 @@ def overview_figure_png(hu: Volume, label_array: np.ndarray, finding: NoduleFind
     z = finding.centre_slice.index if finding.centre_slice is not None else int(round(finding.center_zyx[0]))
     z = int(np.clip(z, 0, hu.shape_zyx[0] - 1))
     labels = label_array[z]
-    # The whole slice at 1 px per voxel column (rows stretched to square mm), shrunk to OVERVIEW_PX wide.
-    step = max(1, int(np.ceil(hu.shape_zyx[2] / OVERVIEW_PX)))
-    fy = max(1, int(round(dy / dx)))
-    gray = np.repeat(_window(hu.array[z]), fy, axis=0)[::step, ::step]
+    # The whole slice at most OVERVIEW_PX wide, pixels square in mm. Area-averaged (Image.BOX): a reduced CT slice
+    # keeps its look and its noise averages out, which also keeps the PNG small (96 KB for a 512 x 512 LIDC slice at
+    # 360 px, against 178 KB at 1:1; 12 ms CPU against 22 ms, the crops figure taking 7 ms).
+    rows, cols = labels.shape
+    scale = min(1.0, OVERVIEW_PX / cols)  # pixels per voxel column
+    width, height = max(1, int(round(cols * scale))), max(1, int(round(rows * dy / dx * scale)))
+    gray = np.asarray(Image.fromarray(_window(hu.array[z])).resize((width, height), Image.Resampling.BOX))
     rgb = np.repeat(gray[:, :, None], 3, axis=2)
-    up = (lambda m: np.repeat(m, fy, axis=0)[::step, ::step])
-    other = _edges(up((labels > 0) & (labels != finding.id)), 1)
-    rgb[other] = OTHER_RGB
-    rgb[_edges(up(labels == finding.id), 1)] = OUTLINE_RGB
-    canvas = Image.new("RGB", (rgb.shape[1] + 2 * MARGIN_PX, PANEL_TOP_PX + rgb.shape[0] + MARGIN_PX),
-                       (255, 255, 255))
+
+    def shrunk(mask: np.ndarray) -> np.ndarray:
+        return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((width, height),
+                                                                              Image.Resampling.NEAREST)) > 127
+
+    rgb[_edges(shrunk((labels > 0) & (labels != finding.id)), 1)] = OTHER_RGB
+    rgb[_edges(shrunk(labels == finding.id), 1)] = OUTLINE_RGB
+    canvas = Image.new("RGB", (width + 2 * MARGIN_PX, PANEL_TOP_PX + height + MARGIN_PX), (255, 255, 255))
     canvas.paste(Image.fromarray(np.ascontiguousarray(rgb)), (MARGIN_PX, PANEL_TOP_PX))
     draw = ImageDraw.Draw(canvas)
-    cy = PANEL_TOP_PX + (finding.center_zyx[1] + 0.5) * fy / step
-    cx = MARGIN_PX + (finding.center_zyx[2] + 0.5) / step
-    r = max(8.0, 0.75 * (finding.diameter_mm or 10.0)) / dx / step + 4
+    cy = PANEL_TOP_PX + (finding.center_zyx[1] + 0.5) * dy / dx * scale
+    cx = MARGIN_PX + (finding.center_zyx[2] + 0.5) * scale
+    r = max(8.0, 0.75 * (finding.diameter_mm or 10.0)) / dx * scale + 4
     draw.ellipse((cx - r, cy - r, cx + r, cy + r), outline=RING_RGB, width=2)
     draw.text((MARGIN_PX, 4), f"Nodule {finding.id}: where it is", fill=(0, 0, 0), font=_font(16))
     draw.text((MARGIN_PX, TITLE_PX + 4), f"axial {axial_slice_name(hu, z)} (whole slice)", fill=(0, 0, 0),
