@@ -119,6 +119,11 @@ def _labelled_panel(canvas: Any, draw: Any, panel: _Panel, left: int, title: str
     canvas.paste(Image.fromarray(panel.rgb), (left, PANEL_TOP_PX))
     draw.text((left, TITLE_PX + 4), title, fill=(0, 0, 0), font=_font(14))
     height, width = panel.rgb.shape[:2]
+    _side_letters(draw, left, width, height, letters)
+
+
+def _side_letters(draw: Any, left: int, width: int, height: int, letters: tuple[str, str]) -> None:
+    """The patient's side letters, white on black, at the middle of a panel's left and right edges."""
     font = _font(15)
     for text, at_right in ((letters[0], False), (letters[1], True)):
         tw = draw.textlength(text, font=font)
@@ -177,14 +182,7 @@ def overview_figure_png(hu: Volume, label_array: np.ndarray, finding: NoduleFind
     draw.text((MARGIN_PX, 4), f"Nodule {finding.id}: where it is", fill=(0, 0, 0), font=_font(16))
     draw.text((MARGIN_PX, TITLE_PX + 4), f"axial {axial_slice_name(hu, z)} (whole slice)", fill=(0, 0, 0),
               font=_font(14))
-    letters = side_letters(hu.geometry.direction_matrix[:, 0])
-    font = _font(15)
-    for text, at_right in ((letters[0], False), (letters[1], True)):
-        tw = draw.textlength(text, font=font)
-        x = MARGIN_PX + rgb.shape[1] - tw - 5 if at_right else MARGIN_PX + 3
-        y = PANEL_TOP_PX + rgb.shape[0] / 2 - 9
-        draw.rectangle((x - 2, y - 1, x + tw + 2, y + 19), fill=(0, 0, 0))
-        draw.text((x, y), text, fill=(255, 255, 255), font=font)
+    _side_letters(draw, MARGIN_PX, width, height, side_letters(hu.geometry.direction_matrix[:, 0]))
     return _png(canvas)
 
 
