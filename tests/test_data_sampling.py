@@ -12,7 +12,7 @@ import torch
 from nodulenet.data.cases import load_case
 from nodulenet.data.config import AugmentConfig, CropConfig
 from nodulenet.data.dataset import CropDataset, ResumableDistributedSampler, collate_crops, make_loader
-from nodulenet.data.sampling import HardNegative, epoch_plan, split_counts
+from nodulenet.data.sampling import CropSpec, HardNegative, epoch_plan, split_counts
 from nodulenet.io.image_files import read_image
 
 
@@ -109,3 +109,51 @@ def test_loader_with_workers_gives_the_same_batches(cases: list) -> None:
         assert all(torch.equal(x, y) for x, y in zip(b0.boxes, b1.boxes))
     batch = collate_crops([ds[0], ds[1]])
     assert batch.images.shape == (2, 1, 32, 32, 32) and batch.images.dtype == torch.float32
+
+
+def test_no_negative_or_hard_negative_crop_is_anchored_on_an_excluded_finding(cases: list) -> None:
+    """An LIDC nodule marked by fewer readers (or a LUNA16 annotations_excluded.csv row) is ignored in training:
+    no lung, random or hard-negative crop takes a point within its radius as its anchor."""
+    import dataclasses
+
+    from nodulenet.data.sampling import make_crop
+
+    case = cases[0]
+    # The case's biggest nodule becomes an excluded finding 30 mm across (a ground-glass nodule 2 readers drew).
+    big = max(case.nodules, key=lambda n: n.mask.sum())
+    centre_zyx = np.asarray(big.center_zyx)
+    centre_world = case.geometry.voxel_to_world(centre_zyx)
+    radius_mm = 15.0
+    spacing = np.asarray(case.geometry.spacing_zyx)
+    # Half the lung points the sampler draws from are inside the finding: a sampler that did not look would
+    # anchor about half its lung crops on it.
+    dist = np.linalg.norm((case.lung_points_zyx - centre_zyx) * spacing, axis=1)
+    inside, outside = case.lung_points_zyx[dist < radius_mm - 4], case.lung_points_zyx[dist >= radius_mm + 4]
+    assert len(inside) >= 20 and len(outside) >= 20
+    points = np.concatenate([inside[:200], outside[: min(len(inside), 200)]])
+    excluded_case = dataclasses.replace(
+        case, nodules=[n for n in case.nodules if n.id != big.id], lung_points_zyx=points,
+        excluded_nodules=[{"center_world_xyz_mm": [float(v) for v in centre_world], "diameter_mm": 2 * radius_mm}])
+    crop = CropConfig(crop_size_zyx=(32, 32, 32), positive_fraction=0.0, lung_fraction=1.0, samples_per_epoch=1)
+    aug = AugmentConfig()
+    on_it = HardNegative(case.case_id, tuple(float(v) for v in centre_zyx), 0.97)  # type: ignore[arg-type]
+    anchors = []
+    for k in range(120):
+        kind = ("lung", "random", "hard_negative")[k % 3]
+        spec = CropSpec(kind, 0, hard_negative_index=0 if kind == "hard_negative" else -1)
+        sample = make_crop(excluded_case, spec, crop, aug, np.random.default_rng([5, k]),
+                           hard_negative=on_it if kind == "hard_negative" else None)
+        anchors.append((kind, np.asarray(sample.info["anchor_zyx"])))
+        if kind == "hard_negative":  # its mined point is on the excluded finding: a lung anchor replaces it
+            assert sample.kind == "hard_negative" and sample.info["anchor_kind"] == "lung"
+    for kind, anchor in anchors:
+        distance = np.linalg.norm(case.geometry.voxel_to_world(anchor) - centre_world)
+        assert distance >= radius_mm, f"a {kind} crop anchored {distance:.1f} mm from the excluded finding's centre"
+    # Control: the same draws on the case WITHOUT the exclusion do land on it (so the check above can fail).
+    plain = dataclasses.replace(excluded_case, excluded_nodules=[])
+    hits = 0
+    for k in range(0, 120, 3):
+        sample = make_crop(plain, CropSpec("lung", 0), crop, aug, np.random.default_rng([5, k]))
+        hits += np.linalg.norm(case.geometry.voxel_to_world(np.asarray(sample.info["anchor_zyx"])) - centre_world) \
+            < radius_mm
+    assert hits >= 10

@@ -29,6 +29,14 @@ LUNA_NODULE_WORLD = (56.21, 86.34, -115.87)
 LUNA_NODULE_DIAMETER_MM = 23.4
 
 
+def nearest_instance(series: Path, world_z_mm: float) -> tuple[int, float]:
+    """(InstanceNumber, SliceLocation) of the slice file whose ImagePositionPatient z is nearest ``world_z_mm``,
+    read straight from the DICOM files (independent of the reader's sorting and of the geometry)."""
+    best = min((abs(float(ds.ImagePositionPatient[2]) - world_z_mm), int(ds.InstanceNumber), float(ds.SliceLocation))
+               for ds in (pydicom.dcmread(f, stop_before_pixels=True) for f in sorted(series.glob("*.dcm"))))
+    return best[1], best[2]
+
+
 def sphere_mask(hu: Volume, centre_world_xyz: tuple[float, float, float], diameter_mm: float) -> NoduleMask:
     """Voxels of ``hu``'s grid whose centre is within the sphere (a crop around it)."""
     centre = hu.world_to_voxel(centre_world_xyz)
@@ -117,7 +125,9 @@ def test_sr_measurement_groups_reference_the_segments(lidc_case: tuple[ScanFindi
     groups = sr.content.get_volumetric_roi_measurement_groups()
     assert len(groups) == 2
     for group, finding, segment in zip(groups, scan.findings, seg.SegmentSequence):
-        assert group.tracking_identifier == f"Nodule {finding.id}"
+        # The tracking identifier names the slice a PACS user opens: its InstanceNumber and SliceLocation.
+        instance, location = nearest_instance(Path(lidc_case[1].meta["source_path"]), finding.center_world_xyz_mm[2])
+        assert group.tracking_identifier == f"Nodule {finding.id}, image {instance}, z {location:.1f} mm"
         assert group.tracking_uid == segment.TrackingUID
         reference = group.referenced_segment
         assert reference.referenced_sop_instance_uid == seg.SOPInstanceUID

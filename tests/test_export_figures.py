@@ -74,3 +74,23 @@ def test_figure_is_fast_enough_for_a_hundred_findings() -> None:
         nodule_figure_png(volume, labels, finding)
     # ~5 ms each here; matplotlib took ~250 ms. A generous bound that still catches a slow renderer coming back.
     assert (time.perf_counter() - start) / 20 < 0.1
+
+
+def test_overview_shows_the_whole_slice_with_the_finding_outlined_and_ringed_where_it_is() -> None:
+    from nodulenet.export.figures import RING_RGB, overview_figure_png
+
+    volume, labels, finding = _scan()
+    png = overview_figure_png(volume, labels, finding)
+    image = Image.open(io.BytesIO(png))
+    # The whole 128-column slice at 1 px per voxel (rows and columns are both 1 mm: no stretch).
+    assert image.size == (128 + 2 * MARGIN_PX, PANEL_TOP_PX + 96 + MARGIN_PX)
+    red = _red_pixels(png)
+    # The outline sits on the nodule: centre voxel (y=40, x=90) -> pixel (40.5, 90.5) inside the panel.
+    assert len(red) > 20
+    assert abs(red[:, 1].mean() - (MARGIN_PX + 90.5)) < 1.5 and abs(red[:, 0].mean() - (PANEL_TOP_PX + 40.5)) < 1.5
+    rgb = np.asarray(image.convert("RGB")).astype(int)
+    ring = np.argwhere(np.abs(rgb - np.array(RING_RGB)).sum(axis=2) == 0)
+    distance = np.hypot(ring[:, 1] - (MARGIN_PX + 90.5), ring[:, 0] - (PANEL_TOP_PX + 40.5))
+    # Ring radius: max(8, 0.75 x long axis) mm + 4 px around the centre, drawn 2 px wide.
+    radius = max(8.0, 0.75 * finding.diameter_mm) + 4
+    assert len(ring) > 30 and np.all(np.abs(distance - radius) < 3)

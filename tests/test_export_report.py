@@ -61,11 +61,15 @@ def test_report_content(tmp_path: Path) -> None:
     assert cells[3] == f"{f.volume_mm3:.0f}" and cells[4] == "25"
     assert cells[5] == "(26.0, 0.0, 0.0)"  # world centre: x = -64 + 90, y = -48 + 48, z = -30 + 15 x 2
     assert cells[6] == "(15.0, 48.0, 90.0)" and cells[7] == "left lung"
+    # Non-DICOM: the centre slice by its 1-based number and its world z (z = -30 + 15 x 2 mm).
+    assert cells[8] == f"slice 16 of {hu.shape_zyx[0]} (z 0.0 mm)"
     assert LIDC_CREDIT in html  # patient id starts with LIDC-IDRI
     # Self-contained: no external resource, no script.
     assert not re.search(r'(src|href)="(?!data:)', html) and "<script" not in html.lower()
     images = _images(html)
-    assert len(images) == 1 and images[0].format == "PNG" and images[0].size[0] >= 600
+    # The whole-slice overview beside the zoomed crops.
+    assert len(images) == 2 and all(i.format == "PNG" for i in images) and images[1].size[0] >= 600
+    assert images[0].size[0] >= hu.shape_zyx[2]
 
 
 def test_no_credit_for_other_scans_and_no_findings_message(tmp_path: Path) -> None:

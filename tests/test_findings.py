@@ -130,3 +130,65 @@ def test_bad_files_give_an_input_error_naming_the_file(tmp_path: Path, content: 
     with pytest.raises(InputError, match=problem) as info:
         read_findings_json(path)
     assert info.value.path == path
+
+
+def test_slice_reference_names_the_nearest_dicom_slice_by_hand() -> None:
+    from nodulenet.io.findings import slice_reference
+
+    # 40 slices, 2.5 mm, first at z = -300.25; numbered from the head as many scanners do (InstanceNumber 40..1).
+    meta = {"instance_numbers": list(range(40, 0, -1)), "slice_locations_mm": [-300.25 + 2.5 * k for k in range(40)]}
+    ref = slice_reference(GEOMETRY, meta, (0.0, 0.0, -280.125))  # (z + 300.25) / 2.5 = 8.05 -> slice 8
+    assert (ref.index, ref.instance_number, ref.slice_location_mm, ref.position_z_mm) == (8, 32, -280.25, -280.25)
+    assert ref.describe() == "image 32 (z -280.2 mm)"
+    # Non-DICOM (no per-slice lists), and a point beyond the last slice: the last slice, counted from 1.
+    far = slice_reference(GEOMETRY, {}, (0.0, 0.0, -100.0))
+    assert (far.index, far.instance_number, far.slice_location_mm) == (39, None, None)
+    assert far.describe(40) == "slice 40 of 40 (z -202.8 mm)"
+    # Lists that do not match the grid are not trusted.
+    assert slice_reference(GEOMETRY, {"instance_numbers": [1, 2]}, (0.0, 0.0, -280.0)).instance_number is None
+
+
+def test_new_fields_round_trip_and_old_files_still_read(tmp_path: Path) -> None:
+    from nodulenet.io.findings import SliceReference
+
+    ref = SliceReference(index=8, position_z_mm=-280.25, instance_number=32, slice_location_mm=-280.25)
+    scan = _scan([_finding(1, 0.9, centre_slice=ref, site="bone")])
+    scan.below_threshold = [_finding(1, 0.3, side=None, site="lung")]
+    back = read_findings_json(scan.write_json(tmp_path / "nodules.json"))
+    assert back.findings[0].centre_slice == ref and back.findings[0].site == "bone"
+    assert back.findings[0].location_text == "left, bone, outside the lungs"
+    assert [f.score for f in back.below_threshold] == [0.3] and back.below_threshold[0].location_text == "lung"
+    old = json.loads((tmp_path / "nodules.json").read_text())
+    del old["below_threshold"]
+    for f in old["findings"]:
+        del f["centre_slice"], f["site"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    legacy = read_findings_json(tmp_path / "old.json")
+    assert legacy.findings[0].centre_slice is None and legacy.below_threshold == []
+    assert legacy.findings[0].location_text == "left lung"
+    with pytest.raises(ValueError, match="site must be one of"):
+        _finding(1, 0.5, site="liver")
+
+
+def test_results_of_a_predict_output_folder_are_found(tmp_path: Path) -> None:
+    from nodulenet.io.findings import find_results_json
+
+    out = tmp_path / "out"
+    one = out / "case-a"
+    one.mkdir(parents=True)
+    _scan([]).write_json(one / "nodules.json")
+    (out / "summary.json").write_text("{}")
+    assert find_results_json(out) == one / "nodules.json"  # the predict -o folder: its one scan
+    assert find_results_json(one) == one / "nodules.json" and find_results_json(one / "nodules.json") == \
+        one / "nodules.json"
+    two = out / "case-b"
+    two.mkdir()
+    other = _scan([])
+    other.source = ScanSource(path=str(tmp_path / "scan-b.nii.gz"), format="nifti")
+    other.write_json(two / "nodules.json")
+    with pytest.raises(InputError, match=r"holds the results of 2 scans \(case-a, case-b\)"):
+        find_results_json(out)
+    assert find_results_json(out, tmp_path / "scan-b.nii.gz") == two / "nodules.json"  # the one for SCAN
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no nodules.json in this folder or its sub-folders"):
+        find_results_json(tmp_path / "empty")

@@ -231,3 +231,40 @@ def test_bad_config_and_seed_are_refused():
     with pytest.raises(ValueError, match="nodule"):
         # 20 nodules of 30 mm cannot fit in a 150 mm chest.
         make_phantom(0, replace(SMALL, n_nodules=20, diameter_range_mm=(30.0, 30.0)))
+
+
+def test_varied_ground_glass_nodules_are_faint_large_and_irregular() -> None:
+    """Style "varied": pure ground-glass nodules with the variety of real ones (LIDC-IDRI-0002's is ~25 mm and
+    faint); the "classic" default draws them as before."""
+    from dataclasses import replace
+
+    from nodulenet.data.synthetic import SMALL_PHANTOM
+    from nodulenet.preprocess.phantom import make_phantom
+
+    config = replace(SMALL_PHANTOM, n_nodules=3, nodule_kinds=("ground_glass",), diameter_range_mm=(3.0, 30.0))
+    varied, classic = [], []
+    for seed in (11, 12):
+        varied += make_phantom(seed, replace(config, ground_glass_style="varied")).nodules
+        classic += make_phantom(seed, config).nodules
+    assert {n.kind for n in varied} == {"ground_glass"} and {n.margin for n in varied} == {"irregular"}
+    # Nominal 10-30 mm; the recorded diameter is the partial-volume equivalent sphere inside the lung (a little less).
+    assert all(8.0 <= n.diameter_mm <= 30.0 for n in varied)
+    assert min(n.diameter_mm for n in classic) < 8.0  # classic ones start at 5 mm
+    assert all(n.mean_hu < -450 for n in varied)
+    assert min(n.mean_hu for n in varied) < min(n.mean_hu for n in classic)  # fainter than any classic one here
+    assert {n.margin for n in classic} <= {"smooth", "lobulated"}
+
+
+def test_the_held_out_benchmark_phantoms_are_unchanged_by_the_default_style() -> None:
+    """benchmarks/demo_model_quality.py's seeds must give the same scans as when the shipped model was measured
+    (sha256 of image + labels, recorded before ground-glass styles existed)."""
+    import hashlib
+    from dataclasses import replace
+
+    from nodulenet.data.synthetic import SMALL_PHANTOM
+    from nodulenet.heldout import HELDOUT_NODULES_PER_PHANTOM
+    from nodulenet.preprocess.phantom import make_phantom
+
+    phantom = make_phantom(2000, replace(SMALL_PHANTOM, n_nodules=HELDOUT_NODULES_PER_PHANTOM))
+    digest = hashlib.sha256(phantom.image.array.tobytes() + phantom.nodule_mask.array.tobytes()).hexdigest()
+    assert digest[:16] == "04e59f189d3e589b"

@@ -27,7 +27,8 @@ app.add_typer(evaluate_app, name="evaluate")
 def _console():
     from rich.console import Console
 
-    return Console(stderr=True)
+    # soft_wrap: an error line is never folded at 80 columns when stderr is a file or a pipe (paths stay whole).
+    return Console(stderr=True, soft_wrap=True)
 
 
 @app.command()

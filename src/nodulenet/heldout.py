@@ -51,9 +51,10 @@ class HeldoutResult:
 
 def evaluate_on_heldout_phantoms(out: str | Path, seeds: Sequence[int], *, weights: Path | None = None,
                                  threshold: float = HELDOUT_THRESHOLD, threads: int | None = None,
-                                 progress: bool = False) -> HeldoutResult:
+                                 progress: bool = False, ground_glass_style: str = "classic") -> HeldoutResult:
     """Generate the phantoms of ``seeds`` (small chests, 4 nodules), predict them with ``weights`` (default: the
-    shipped demo model) and return the LUNA16 CPM; every file it used stays under ``out``."""
+    shipped demo model) and return the LUNA16 CPM; every file it used stays under ``out``. ``ground_glass_style``
+    "varied" draws their ground-glass nodules as real ones look (a harder set; "classic" is the reference one)."""
     import json
 
     from nodulenet.data.synthetic import SMALL_PHANTOM
@@ -64,7 +65,7 @@ def evaluate_on_heldout_phantoms(out: str | Path, seeds: Sequence[int], *, weigh
     from nodulenet.preprocess.phantom import write_phantom
 
     root = Path(out)
-    phantom = replace(SMALL_PHANTOM, n_nodules=HELDOUT_NODULES_PER_PHANTOM)
+    phantom = replace(SMALL_PHANTOM, n_nodules=HELDOUT_NODULES_PER_PHANTOM, ground_glass_style=ground_glass_style)
     scans, truth = [], []
     for seed in seeds:
         folder = root / "phantoms" / f"phantom-{int(seed):05d}"

@@ -41,6 +41,9 @@ from nodulenet.io.volume import Volume
 logger = logging.getLogger(__name__)
 
 DEVICES = ("cpu", "cuda")
+# How many of the best detections scoring below the threshold nodules.json and the report list (apart, marked so):
+# a reader who gets 0 findings sees what came closest (LIDC-IDRI-0002's ground-glass nodule scores 0.34).
+BELOW_THRESHOLD_LISTED = 5
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,7 @@ class ScanResult:
     peak_rss_mib: float | None = None
     details: dict[str, Any] = field(default_factory=dict)
     findings: list[dict[str, Any]] = field(default_factory=list)  # id, score, world centre, diameter, volume
+    below_threshold: list[dict[str, Any]] = field(default_factory=list)  # the best few under the threshold
     error: str | None = None
     traceback: str | None = None
 
@@ -118,7 +122,9 @@ def _peak_rss_mib() -> float:
 def _finding_summary(f: NoduleFinding) -> dict[str, Any]:
     return {"id": f.id, "score": round(f.score, 4), "center_world_xyz_mm": [round(v, 2) for v in f.center_world_xyz_mm],
             "diameter_mm": None if f.diameter_mm is None else round(f.diameter_mm, 2),
-            "volume_mm3": None if f.volume_mm3 is None else round(f.volume_mm3, 1), "side": f.side}
+            "volume_mm3": None if f.volume_mm3 is None else round(f.volume_mm3, 1), "side": f.side,
+            "site": f.site, "location": f.location_text,
+            "centre_slice": None if f.centre_slice is None else f.centre_slice.to_dict()}
 
 
 def output_is_complete(out_dir: Path, *, weights_sha256: str, config_sha256: str, threshold: float,
@@ -199,10 +205,17 @@ class Predictor:
             raise NoduleNetError(f"{limit} leaves too little for the network: {exc}") from None
         t2 = time.perf_counter()
         findings: list[NoduleFinding] = []
+        below: list[NoduleFinding] = []
         n_without_mask = 0
         for box, score, probs, crop in zip(net.boxes, net.scores, net.masks, net.mask_boxes):
-            if score < opts.threshold:
-                break  # scores are sorted: the rest are below too
+            if score < opts.threshold:  # scores are sorted: the rest are below too; the best few are listed apart
+                if len(below) == BELOW_THRESHOLD_LISTED:
+                    break
+                mapped = map_detection(box, score, prepared.transform)
+                below.append(NoduleFinding(
+                    id=len(below) + 1, score=mapped.score, center_world_xyz_mm=mapped.center_world_xyz_mm,
+                    center_zyx=mapped.center_zyx, box_zyx=mapped.box_zyx, side=patient_side(mapped.center_zyx, ct)))
+                continue
             mapped = map_detection(box, score, prepared.transform, probs, crop)
             fid = len(findings) + 1
             if mapped.mask is not None:
@@ -212,6 +225,8 @@ class Predictor:
                 findings.append(NoduleFinding(
                     id=fid, score=mapped.score, center_world_xyz_mm=mapped.center_world_xyz_mm,
                     center_zyx=mapped.center_zyx, box_zyx=mapped.box_zyx, side=patient_side(mapped.center_zyx, ct)))
+        findings = self._locate(findings, ct, prepared)
+        below = self._locate(below, ct, prepared)
         t3 = time.perf_counter()
         stages = {"preprocess_s": round(t1 - t0, 3), "network_s": round(t2 - t1, 3),
                   "postprocess_s": round(t3 - t2, 3)}
@@ -227,8 +242,20 @@ class Predictor:
             "preprocess_stage_seconds": prepared.stage_seconds,
         }
         result = ScanFindings(source=ScanSource.from_volume_meta(ct.meta), geometry=ct.geometry, findings=findings,
-                              model=self.model_info, threshold=opts.threshold, timings=stages)
+                              model=self.model_info, threshold=opts.threshold, timings=stages,
+                              below_threshold=below)
         return ScanPrediction(findings=result, stage_seconds=stages, details=details)
+
+    @staticmethod
+    def _locate(findings: list[NoduleFinding], ct: Volume, prepared: Any) -> list[NoduleFinding]:
+        """Each finding's centre slice (DICOM image number) and site (lung, outside the lungs, bone)."""
+        from nodulenet.export.measurements import locate_finding
+
+        lungs = kept = None
+        if prepared.lungs is not None and prepared.lungs_kept is not None:
+            grid = prepared.transform.resampled
+            lungs, kept = Volume.from_geometry(prepared.lungs, grid), Volume.from_geometry(prepared.lungs_kept, grid)
+        return [locate_finding(f, ct, lungs, kept) for f in findings]
 
     def is_complete(self, out_dir: Path) -> bool:
         """True when ``out_dir`` holds a complete export made with this model, threshold and version."""
@@ -272,6 +299,7 @@ class Predictor:
                                     "export_s": round(t_end - t_export, 3)}
             result.n_findings = len(prediction.findings.findings)
             result.findings = [_finding_summary(f) for f in prediction.findings.findings]
+            result.below_threshold = [_finding_summary(f) for f in prediction.findings.below_threshold]
             result.details = {**prediction.details, "files": {k: str(v) for k, v in exported.files.items()},
                               "skipped_outputs": dict(exported.skipped)}
         result.seconds = round(time.perf_counter() - t0, 3)

@@ -25,7 +25,7 @@ from PySide6.QtWidgets import QDialog, QDialogButtonBox, QLabel, QListWidget, QP
 
 from nodulenet.errors import InputError, NoduleNetError
 from nodulenet.io.dicom import DicomSeriesInfo
-from nodulenet.io.findings import ScanFindings
+from nodulenet.io.findings import ScanFindings, find_results_json
 from nodulenet.io.volume import Volume
 
 logger = logging.getLogger(__name__)
@@ -110,17 +110,11 @@ def _same_grid(a: Any, b: Any) -> bool:
             and np.allclose(a.direction, b.direction, atol=1e-4))
 
 
-def results_json_path(path: str | Path) -> Path:
-    """``nodules.json`` of a results folder (or the file itself); InputError when there is none."""
-    path = Path(path)
-    if path.is_dir():
-        candidate = path / "nodules.json"
-        if not candidate.is_file():
-            raise InputError(path, "no nodules.json in this folder (a complete predict output folder has one)")
-        return candidate
-    if not path.exists():
-        raise InputError(path, "does not exist")
-    return path
+def results_json_path(path: str | Path, scan: str | Path | None = None) -> Path:
+    """``nodules.json`` of a results folder, the file itself, or the scan's sub-folder of a ``predict -o`` folder
+    (:func:`nodulenet.io.findings.find_results_json`); InputError when there is none, or several and no way to
+    choose."""
+    return find_results_json(path, scan)
 
 
 def read_results(path: str | Path, scan: Volume | None = None) -> LoadedResults:
@@ -128,7 +122,7 @@ def read_results(path: str | Path, scan: Volume | None = None) -> LoadedResults:
     from nodulenet.export.labelmap import attach_masks_from_label_map
     from nodulenet.io.image_files import read_image
 
-    json_path = results_json_path(path)
+    json_path = results_json_path(path, None if scan is None else scan.meta.get("source_path"))
     findings = ScanFindings.read_json(json_path)
     folder = json_path.parent
     if scan is not None and not _same_grid(findings.geometry, scan.geometry):

@@ -30,7 +30,7 @@ from nodulenet.app.loading import BackgroundCall, LoadedResults, OpenedScan, Sca
 from nodulenet.app.panels import SidePanel, ViewGrid
 from nodulenet.app.qt_compat import guard_none_refcount
 from nodulenet.app.reslice import WINDOW_PRESETS, PatientAxes
-from nodulenet.io.findings import ScanFindings
+from nodulenet.io.findings import ScanFindings, find_results_json
 from nodulenet.io.volume import Volume
 
 logger = logging.getLogger(__name__)
@@ -214,6 +214,7 @@ class MainWindow(QMainWindow):
         self.selected_id = None
         for view in self.views.values():
             view.set_volume(volume.array, self.axes)
+        self.views["axial"].set_image_numbers(_axial_image_numbers(volume, self.axes))
         self.volume_view.set_volume(volume.array, volume.geometry, chest)
         self.panel.set_findings([], None)
         self.panel.set_scan_text(self._scan_text(volume))
@@ -254,7 +255,8 @@ class MainWindow(QMainWindow):
         path = Path(path)
         if self.volume is None:
             try:
-                findings = ScanFindings.read_json(path / "nodules.json" if path.is_dir() else path)
+                path = find_results_json(path)  # a `predict -o` folder: the scan's sub-folder
+                findings = ScanFindings.read_json(path)
             except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to know about
                 from nodulenet.app.loading import describe_error
 
@@ -319,8 +321,10 @@ class MainWindow(QMainWindow):
             view.ensure_visible(finding.center_zyx)
         self.volume_view.select(finding)
         x, y, z = finding.center_world_xyz_mm
+        where = "" if finding.centre_slice is None else \
+            f", {finding.centre_slice.describe(self.volume.shape_zyx[0] if self.volume is not None else None)}"
         self.statusBar().showMessage(f"finding {finding.id}: score {finding.score:.3f}, centre {x:.1f}, {y:.1f}, "
-                                     f"{z:.1f} mm (LPS)", 10000)
+                                     f"{z:.1f} mm (LPS){where}, {finding.location_text}", 10000)
 
     # --------------------------------------------------------------------------------------- cursor etc.
 
@@ -592,6 +596,17 @@ class MainWindow(QMainWindow):
         self.opener.cancel()
         self.volume_view.finalize()
         super().closeEvent(event)
+
+
+def _axial_image_numbers(volume: Volume, axes: PatientAxes) -> list[int | None] | None:
+    """The DICOM InstanceNumber of each axial slice (the reader records them in array z order), when the axial
+    view runs along array z and every slice has one; else None (the counter shows positions only)."""
+    numbers = volume.meta.get("instance_numbers")
+    if axes.normal_axis("axial") != 0 or not isinstance(numbers, list) or len(numbers) != volume.shape_zyx[0]:
+        return None
+    if any(not isinstance(n, int) or isinstance(n, bool) for n in numbers):
+        return None
+    return list(numbers)
 
 
 def _display_model(volume: Volume) -> Any:

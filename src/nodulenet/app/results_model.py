@@ -1,8 +1,10 @@
 """The nodule table: a Qt model over a scan's findings, sortable by any column, filtered by a score threshold.
 
 Columns (units in the header): id, score, long-axis diameter (mm), volume (mm³), centre x, y, z (world LPS mm),
-side (the patient's right or left lung, from the body midline). Display text is rounded; sorting uses the
-unrounded numbers (``SORT_ROLE``), and ``FINDING_ID_ROLE`` gives a row's finding id whatever the sort order.
+side (the patient's right or left lung, from the body midline; "bone" / "outside the lungs" when the finding is
+not in a lung), Im (the centre slice as a PACS numbers it: DICOM InstanceNumber, else z mm). Display text is
+rounded; sorting uses the unrounded numbers (``SORT_ROLE``), and ``FINDING_ID_ROLE`` gives a row's finding id
+whatever the sort order.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("diameter_mm", "diam. mm", "long-axis diameter: the longest in-plane diameter of the mask, mm"),
     ("volume_mm3", "vol. mm³", "mask volume, mm³"),
     ("location", "centre x, y, z mm", "mask centre in world coordinates (DICOM LPS, mm)"),
-    ("side", "side", "the patient's lung side (right or left of the body midline)"),
+    ("side", "side", "the patient's lung side (right or left of the body midline); flagged when not in a lung"),
+    ("slice", "Im", "centre slice: its DICOM image number (InstanceNumber) as a PACS shows it, else its z in mm"),
 )
 SORT_ROLE = int(Qt.ItemDataRole.UserRole) + 1
 FINDING_ID_ROLE = int(Qt.ItemDataRole.UserRole) + 2
@@ -32,6 +35,14 @@ Index = QModelIndex | QPersistentModelIndex
 
 def _number(value: float | None, digits: int) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
+
+
+def slice_text(f: NoduleFinding) -> str:
+    """``73`` (the DICOM image number), ``z -99.5`` (mm, non-DICOM) or ``-``."""
+    ref = f.centre_slice
+    if ref is None:
+        return "-"
+    return str(ref.instance_number) if ref.instance_number is not None else f"z {ref.position_z_mm:.1f}"
 
 
 class FindingsTableModel(QAbstractTableModel):
@@ -80,7 +91,7 @@ class FindingsTableModel(QAbstractTableModel):
         if role == Qt.ItemDataRole.DecorationRole and key == "id":
             return QColor(*nodule_colour(f.id))
         if role == Qt.ItemDataRole.TextAlignmentRole:
-            left = key in ("side",)
+            left = key in ("side", "slice")
             return int((Qt.AlignmentFlag.AlignLeft if left else Qt.AlignmentFlag.AlignRight)
                        | Qt.AlignmentFlag.AlignVCenter)
         if role == Qt.ItemDataRole.ToolTipRole:
@@ -102,6 +113,10 @@ class FindingsTableModel(QAbstractTableModel):
         if key == "location":
             x, y, z = f.center_world_xyz_mm
             return f"{x:.1f}, {y:.1f}, {z:.1f}"
+        if key == "slice":
+            return slice_text(f)
+        if f.site not in (None, "lung"):
+            return f.location_text
         return f.side or "-"
 
     @staticmethod
@@ -111,7 +126,11 @@ class FindingsTableModel(QAbstractTableModel):
             x, y, z = f.center_world_xyz_mm
             return (-z, x)
         if key == "side":
-            return f.side or ""
+            return f.location_text if f.site not in (None, "lung") else (f.side or "")
+        if key == "slice":
+            ref = f.centre_slice
+            return float("-inf") if ref is None else float(ref.instance_number if ref.instance_number is not None
+                                                           else ref.index)
         value = getattr(f, key)
         return float("-inf") if value is None else value
 

@@ -74,6 +74,7 @@ class SliceView(QWidget):
         self._drag: tuple[str, QPointF, tuple[float, float]] | None = None
         self._grey_cache: tuple[tuple[int, float, float], QImage] | None = None
         self.hover_text = ""
+        self._image_numbers: list[int | None] | None = None
 
     # ----------------------------------------------------------------------------------------- data
 
@@ -82,11 +83,32 @@ class SliceView(QWidget):
         self._array, self.axes = array, axes
         self._labels, self._findings, self._visible, self.selected_id = None, [], set(), None
         self._grey_cache = None
+        self._image_numbers = None
         self.reset_zoom()
         if axes is not None:
             self._index = axes.slice_count(self.view) // 2
             self._cursor = tuple(s / 2.0 for s in axes.shape_zyx)  # type: ignore[assignment]
         self.update()
+
+    def set_image_numbers(self, numbers: Sequence[int | None] | None) -> None:
+        """The DICOM image number (InstanceNumber) of each slice of this view, in its index order; the slice
+        counter then shows it as a PACS does (``Im 73``). None: no numbers (non-DICOM, or not this view's axis)."""
+        if numbers is not None and self.axes is not None and len(numbers) != self.axes.slice_count(self.view):
+            raise ValueError(f"{len(numbers)} image numbers for {self.axes.slice_count(self.view)} slices")
+        self._image_numbers = None if numbers is None else [None if n is None else int(n) for n in numbers]
+        self.update()
+
+    def image_number(self) -> int | None:
+        """The DICOM image number of the slice shown, when known."""
+        if not self._image_numbers or not 0 <= self._index < len(self._image_numbers):
+            return None
+        return self._image_numbers[self._index]
+
+    def slice_counter_text(self) -> str:
+        """``Axial  189/261  Im 73``: the position in this view, and the PACS image number when known."""
+        n = self.axes.slice_count(self.view) if self.axes is not None else 0
+        number = self.image_number()
+        return f"{self.view.capitalize()}  {self._index + 1}/{n}" + ("" if number is None else f"  Im {number}")
 
     def set_overlays(self, labels: np.ndarray | None, findings: Sequence[NoduleFinding]) -> None:
         """The label map (value = finding id, same grid as the volume) and the findings (for boxes and scores)."""
@@ -325,8 +347,7 @@ class SliceView(QWidget):
         font.setBold(False)
         painter.setFont(font)
         painter.setPen(QColor(220, 220, 220))
-        n = self.axes.slice_count(self.view)  # type: ignore[union-attr]
-        self._label(painter, area, a.AlignLeft | a.AlignTop, f"{self.view.capitalize()}  {self._index + 1}/{n}")
+        self._label(painter, area, a.AlignLeft | a.AlignTop, self.slice_counter_text())
         self._label(painter, area, a.AlignLeft | a.AlignBottom, f"W {self.window_width:.0f}  L {self.window_level:.0f}")
 
     # ---------------------------------------------------------------------------------- interaction

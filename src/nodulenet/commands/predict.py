@@ -33,10 +33,28 @@ def _passive_openmp_threads() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+# Width of the console when the output is not a terminal (a file, a pipe, a CI log): wide enough that no path or
+# table row is folded (rich would otherwise wrap at 80 columns, breaking paths a user copies).
+REDIRECTED_WIDTH = 1000
+
+
 def _console() -> Any:
     from rich.console import Console
 
-    return Console()
+    console = Console(soft_wrap=True)
+    if not console.is_terminal:
+        console = Console(soft_wrap=True, width=REDIRECTED_WIDTH)
+    return console
+
+
+def _slice_text(f: dict[str, Any]) -> str:
+    """The centre slice as a reader finds it in a PACS: the DICOM image number, else the z position."""
+    ref = f.get("centre_slice")
+    if not ref:
+        return "-"
+    if ref.get("instance_number") is not None:
+        return f"image {ref['instance_number']}"
+    return f"z {ref['position_z_mm']:.1f} mm"
 
 
 def _findings_table(result: Any, title: str, limit: int | None = None) -> Any:
@@ -46,14 +64,36 @@ def _findings_table(result: Any, title: str, limit: int | None = None) -> Any:
     caption = None if len(shown) == len(result.findings) else \
         f"top {len(shown)} of {len(result.findings)} by score; all in nodules.json"
     table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
-    for column in ("id", "score", "centre x, y, z (mm, LPS)", "diameter (mm)", "volume (mm³)", "side"):
-        table.add_column(column, justify="right" if column != "side" else "left")
+    for column in ("id", "score", "centre x, y, z (mm, LPS)", "slice", "diameter (mm)", "volume (mm³)", "where"):
+        table.add_column(column, justify="left" if column in ("where", "slice") else "right")
     for f in shown:
         x, y, z = f["center_world_xyz_mm"]
-        table.add_row(str(f["id"]), f"{f['score']:.3f}", f"{x:.1f}, {y:.1f}, {z:.1f}",
+        table.add_row(str(f["id"]), f"{f['score']:.3f}", f"{x:.1f}, {y:.1f}, {z:.1f}", _slice_text(f),
                       "-" if f["diameter_mm"] is None else f"{f['diameter_mm']:.1f}",
-                      "-" if f["volume_mm3"] is None else f"{f['volume_mm3']:.0f}", f["side"] or "-")
+                      "-" if f["volume_mm3"] is None else f"{f['volume_mm3']:.0f}",
+                      f.get("location") or f["side"] or "-")
     return table
+
+
+def no_findings_line(result: Any, threshold: float) -> str:
+    """What a scan without findings gets said: the threshold, and the best candidate below it (where it is)."""
+    below = getattr(result, "below_threshold", None) or []
+    if not below:
+        return f"no nodule scored >= {threshold:g}, and no candidate scored lower either"
+    best = below[0]
+    x, y, z = best["center_world_xyz_mm"]
+    where = _slice_text(best)
+    return (f"no nodule scored >= {threshold:g}; the highest candidate scored {best['score']:.3f} at "
+            f"({x:.1f}, {y:.1f}, {z:.1f}) mm LPS" + ("" if where == "-" else f", {where}")
+            + " (listed apart in report.html and nodules.json)")
+
+
+def print_findings(console: Any, result: Any, title: str, threshold: float, limit: int | None = None) -> None:
+    """The nodule table, or the plain no-findings line: every finished scan gets one or the other."""
+    if result.findings:
+        console.print(_findings_table(result, title, limit=limit))
+    else:
+        console.print(no_findings_line(result, threshold), highlight=False)
 
 
 # The demo prints this many findings; nodules.json and report.html hold them all.
@@ -174,6 +214,8 @@ def predict_cmd(
         else:
             console.print(f"[green]done[/] {result.scan}: {result.n_findings} finding(s) -> {result.out_dir} "
                           f"[dim]({_stage_line(result)})[/]", highlight=False)
+            print_findings(console, result, f"{result.n_findings} nodule(s) in {result.name}", threshold,
+                           limit=DEMO_TABLE_ROWS)
 
     if dicomweb is not None:
         from nodulenet.pacs.auth import parse_auth
@@ -235,8 +277,8 @@ def demo_cmd(
     if demo.truth is not None:
         console.print(f"phantom scan: {demo.scan} (true nodules: {demo.scan.parent / 'annotations.csv'})",
                       highlight=False)
-    console.print(_findings_table(result, f"{result.n_findings} nodule(s) found in {_stage_line(result)}",
-                                  limit=DEMO_TABLE_ROWS))
+    print_findings(console, result, f"{result.n_findings} nodule(s) found in {_stage_line(result)}", threshold,
+                   limit=DEMO_TABLE_ROWS)
     if demo.truth is not None:
         console.print(_truth_table(demo.truth, result.findings))
     files = result.details.get("files", {})

@@ -126,6 +126,9 @@ def prepare_phantoms_cmd(
     first_seed: int = typer.Option(0, help="Seeds first_seed .. first_seed + n - 1."),
     n_nodules: int = typer.Option(3, help="Nodules per phantom."),
     adult: bool = typer.Option(False, help="Adult-sized chests (288 x 288 at 0.75 mm) instead of small ones."),
+    ground_glass: str = typer.Option("classic", "--ground-glass", help="Ground-glass nodules: classic (as the "
+                                     "shipped model was trained) or varied (faint, 10-30 mm, irregular, as real "
+                                     "ones)."),
     force: bool = typer.Option(False, help="Redo finished cases."),
 ) -> None:
     """Generate seeded phantom chest CTs and write them as prepared cases, ready for training."""
@@ -134,7 +137,13 @@ def prepare_phantoms_cmd(
     from nodulenet.data.synthetic import SMALL_PHANTOM, prepare_phantom_cases
     from nodulenet.preprocess.phantom import PhantomConfig
 
-    phantom = replace(PhantomConfig() if adult else SMALL_PHANTOM, n_nodules=n_nodules)
+    from nodulenet.errors import NoduleNetError
+
+    try:
+        phantom = replace(PhantomConfig() if adult else SMALL_PHANTOM, n_nodules=n_nodules,
+                          ground_glass_style=ground_glass)
+    except ValueError as exc:
+        raise NoduleNetError(f"--ground-glass: {exc}") from None
     summaries = prepare_phantom_cases(out, range(first_seed, first_seed + n), phantom, force=force)
     done = sum(1 for s in summaries if s.status == "done")
     typer.echo(f"{done} prepared, {len(summaries) - done} already there, in {out}")

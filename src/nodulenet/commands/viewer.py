@@ -14,8 +14,9 @@ import typer
 
 def viewer_cmd(
     scan: Optional[Path] = typer.Argument(None, help="A scan to open: DICOM folder, .mhd, .nii/.nii.gz or .nrrd."),
-    results: Optional[Path] = typer.Option(None, "--results", help="A predict output folder (or its nodules.json) "
-                                           "to show; its scan is opened when SCAN is not given."),
+    results: Optional[Path] = typer.Option(None, "--results", help="A predict output folder (or its nodules.json, "
+                                           "or the `predict -o` folder holding it) to show; its scan is opened "
+                                           "when SCAN is not given."),
 ) -> None:
     """Open the desktop viewer: scan views, detection (local, server, SSH), nodule table, export.
     Research software, not a medical device. Needs the optional "app" extra (PySide6 and VTK)."""
@@ -26,6 +27,8 @@ def viewer_cmd(
     require_app_extra()
     if scan is not None and not scan.exists():
         raise InputError(scan, "does not exist")
-    if results is not None and not results.exists():
-        raise InputError(results, "does not exist")
+    if results is not None:
+        from nodulenet.io.findings import find_results_json
+
+        results = find_results_json(results, scan)  # the scan's sub-folder of a `predict -o` folder; one-line error
     raise typer.Exit(run_viewer(scan, results))

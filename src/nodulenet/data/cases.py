@@ -71,6 +71,10 @@ class CaseNodule:
         return (b[:3] + b[3:]) / 2.0 - 0.5
 
 
+# The LUNA16 evaluation script's size for findings listed without one (annotations_excluded.csv's -1).
+EXCLUDED_DEFAULT_DIAMETER_MM = 10.0
+
+
 @dataclass
 class PreparedCase:
     """A checked prepared case (see the module doc); cheap to pickle into data-loader workers."""
@@ -89,6 +93,18 @@ class PreparedCase:
     @property
     def shape_zyx(self) -> tuple[int, int, int]:
         return self.image_layout.shape_zyx
+
+    def within_excluded(self, point_zyx: np.ndarray) -> bool:
+        """True when a prepared-grid point lies within an excluded finding's radius (LUNA16's hit rule; 10 mm
+        across when its size is unknown): training must not take it as background (see data/sampling.py)."""
+        if not self.excluded_nodules:
+            return False
+        point_world = self.geometry.voxel_to_world(np.asarray(point_zyx, dtype=np.float64))
+        for e in self.excluded_nodules:
+            diameter = e["diameter_mm"] if e["diameter_mm"] and e["diameter_mm"] > 0 else EXCLUDED_DEFAULT_DIAMETER_MM
+            if float(np.linalg.norm(point_world - np.asarray(e["center_world_xyz_mm"]))) < diameter / 2.0:
+                return True
+        return False
 
     @property
     def image(self) -> np.ndarray:

@@ -8,6 +8,13 @@ every training nodule in turn, the negatives (random, lung-centred, hard-negativ
 fixed by ``(seed, epoch, index)`` (:func:`make_crop`), so it is the same in any worker process, after a resume and
 on any number of GPUs.
 
+Excluded findings (LIDC nodules marked by fewer readers than the consensus, LUNA16's annotations_excluded.csv) are
+IGNORED, as LUNA16's scoring ignores them: they are never a positive (they are not in the case's nodules), and no
+negative is anchored on one: a lung, random or hard-negative anchor within an excluded finding's radius
+(:meth:`PreparedCase.within_excluded`) is drawn again (up to :data:`EXCLUDED_REDRAWS` times, then the crop falls
+back to a random one that also keeps clear), so a faint ground-glass nodule the readers disagreed on is not taught
+as background at the centre of a crop.
+
 Placement: the crop's ANCHOR - a nodule's centre, a lung point or a mined false positive - is put at a random
 place at least ``positive_margin_voxels`` (published ``bound_size = 12``) inside the crop, counting the anchor's
 own extent (a nodule's box after rotation and zoom); if it does not fit it goes to the middle. Random crops put a
@@ -126,6 +133,32 @@ def epoch_plan(cases: Sequence[PreparedCase], crop: CropConfig, n_samples: int, 
     return plan
 
 
+# Draws of a negative anchor that lands on an excluded finding before giving up on that kind of anchor.
+EXCLUDED_REDRAWS = 20
+
+
+def _negative_anchor(case: PreparedCase, kind: str, rng: np.random.Generator, size: np.ndarray, shape: np.ndarray,
+                     crop: CropConfig, position_u: np.ndarray, pick_u: float) -> np.ndarray:
+    """A lung or random crop's anchor (first draw from ``position_u``/``pick_u``), drawn again from ``rng`` while
+    it lies within an excluded finding's radius."""
+    for attempt in range(EXCLUDED_REDRAWS + 1):
+        if kind == "random":
+            # Anywhere the crop stays inside the case (the middle when the case is smaller than the crop).
+            lo = np.minimum(size / 2.0 - 0.5, (shape - 1) / 2.0)
+            hi = np.maximum(shape - size / 2.0 - 0.5, (shape - 1) / 2.0)
+            anchor = lo + position_u * (hi - lo)
+        else:
+            point = case.lung_points_zyx[int(pick_u * len(case.lung_points_zyx))].astype(np.float64)
+            anchor = np.minimum(point + position_u * crop.lung_point_stride, shape - 1)
+        if not case.within_excluded(anchor):
+            return anchor
+        position_u, pick_u = rng.random(3), float(rng.random())
+        if attempt == EXCLUDED_REDRAWS // 2:
+            kind = "random"  # a small lung almost filled by an excluded finding: look anywhere in the case
+    raise ValueError(f"case {case.case_id}: no crop anchor outside its excluded findings after "
+                     f"{EXCLUDED_REDRAWS} draws")
+
+
 def _anchor_position(rng: np.random.Generator, size: np.ndarray, half_extent: np.ndarray, margin: float) -> np.ndarray:
     """Output position of an anchor: uniform where it stays ``margin`` inside the crop, else the middle."""
     lo = margin + half_extent - 0.5
@@ -153,19 +186,15 @@ def make_crop(case: PreparedCase, spec: CropSpec, crop: CropConfig, aug: Augment
     else:
         orientation = draw_orientation(rng, aug)
         half = np.zeros(3)
-        if kind == "random":
-            # Anywhere the crop stays inside the case (the middle when the case is smaller than the crop).
-            lo = np.minimum(size / 2.0 - 0.5, (shape - 1) / 2.0)
-            hi = np.maximum(shape - size / 2.0 - 0.5, (shape - 1) / 2.0)
-            anchor = lo + position_u * (hi - lo)
-        elif kind == "lung":
-            point = case.lung_points_zyx[int(pick_u * len(case.lung_points_zyx))].astype(np.float64)
-            anchor = np.minimum(point + position_u * crop.lung_point_stride, shape - 1)
-        elif kind == "hard_negative":
+        if kind == "hard_negative":
             if hard_negative is None:
                 raise ValueError("a hard_negative crop needs its HardNegative")
             anchor = np.asarray(hard_negative.center_zyx, dtype=np.float64)
-        else:
+            if case.within_excluded(anchor):  # mined before the finding was excluded, or from another model
+                kind = "lung" if len(case.lung_points_zyx) else "random"
+        if kind in ("random", "lung"):
+            anchor = _negative_anchor(case, kind, rng, size, shape, crop, position_u, pick_u)
+        elif kind != "hard_negative":
             raise ValueError(f"unknown crop kind {kind!r}; expected one of {CROP_KINDS}")
     q = np.abs(orientation.matrix * orientation.scale)  # |Q|: how source extents project onto output axes
     half_out = orientation.scale * (q.T @ half)
@@ -196,7 +225,9 @@ def make_crop(case: PreparedCase, spec: CropSpec, crop: CropConfig, aug: Augment
         nodule_ids=ids,
         case_id=case.case_id,
         kind=spec.kind,
-        info={"orientation": orientation.to_dict(), "anchor_zyx": [round(float(v), 3) for v in anchor],
+        # anchor_kind: what the anchor really is (a hard negative on an excluded finding becomes a lung anchor).
+        info={"orientation": orientation.to_dict(), "anchor_kind": kind,
+              "anchor_zyx": [round(float(v), 3) for v in anchor],
               "anchor_out_zyx": [round(float(v), 3) for v in transform.to_output(anchor[None])[0]]},
     )
 

@@ -113,8 +113,9 @@ def export_all(findings: ScanFindings, hu_volume: Volume, out_dir: str | Path, *
     """Write all result files of one scan into ``out_dir`` (all or nothing, see the module doc).
 
     ``hu_volume`` is the scan as read (original grid; its ``meta`` names the DICOM source slices).
-    ``dicom=False`` skips SEG/SR; for non-DICOM input or no findings they are skipped with the reason in
-    :attr:`ExportResult.skipped`. ``lidc`` forces the report's LIDC-IDRI credit line (default: detected).
+    ``dicom=False`` skips SEG/SR; for non-DICOM input they are skipped with the reason in
+    :attr:`ExportResult.skipped`; without findings the SEG is skipped and the SR says "no findings". ``lidc`` forces
+    the report's LIDC-IDRI credit line (default: detected).
     ``nodules.json`` records the writers' times in ``timings`` as ``export_<kind>_s``.
     """
     if label_format not in LABEL_FORMATS:
@@ -122,6 +123,7 @@ def export_all(findings: ScanFindings, hu_volume: Volume, out_dir: str | Path, *
     if hu_volume.shape_zyx != findings.geometry.shape_zyx:
         raise ValueError(f"the HU volume {hu_volume.shape_zyx} is not the findings' scan grid "
                          f"{findings.geometry.shape_zyx}")
+    findings = findings.with_centre_slices(hu_volume.meta)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     result = ExportResult(out_dir=out_dir)
@@ -152,14 +154,17 @@ def _export_dicom(findings: ScanFindings, hu: Volume, labels: np.ndarray, stagin
         if not dicom:
             raise ExportSkipped("DICOM SEG/SR", "not requested")
         require_dicom_source(hu, "DICOM SEG")
-        if not findings.findings:
-            raise ExportSkipped("DICOM SEG", "no findings (a DICOM SEG needs at least one segment)")
         try:  # highdicom is needed only here; without it the other files are still written
             from nodulenet.export.dicom_seg import build_dicom_seg
-            from nodulenet.export.dicom_sr import build_dicom_sr
+            from nodulenet.export.dicom_sr import build_dicom_sr, build_no_findings_sr
         except ImportError as exc:
             raise ExportSkipped("DICOM SEG/SR", f"highdicom is not installed ({exc})") from None
         headers = _timed(result, "dicom_headers", lambda: read_source_headers(hu, "DICOM SEG"))
+        if not findings.findings:  # no SEG (it needs a segment), but an SR that says nothing was found
+            result.skipped["dicom_seg"] = "no findings (a DICOM SEG needs at least one segment)"
+            sr = _timed(result, "dicom_sr_build", lambda: build_no_findings_sr(findings, headers))
+            staged["dicom_sr"] = _timed(result, "dicom_sr", lambda: save_dataset(sr, staging / SR_DCM))
+            return
         order = source_frame_order(hu)
         source_labels = labels_on_source_slices(hu, labels, headers)  # a gantry-tilt-corrected grid: back to the slices
         seg = _timed(result, "dicom_seg_build", lambda: build_dicom_seg(findings, source_labels, headers, order))

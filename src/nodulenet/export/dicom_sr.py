@@ -12,8 +12,18 @@ Structure (DICOM PS3.16 TID 1500 > TID 1411 "Volumetric ROI Measurements and Qua
     DCM "Attenuation Coefficient" derived as SCT "Mean" (HU, ``mean_hu``), and the detection score as DCM
     111012 "Certainty of Finding" in percent (score x 100), the unit DICOM's CAD templates use for it.
 
+The tracking identifier names the finding's centre slice as a PACS shows it ("Nodule 1, image 73, z -99.5 mm"),
+and the finding site is "Lung" only for a finding in the lungs (``site``): bone-dense findings outside them get
+"Bone", others "Thorax".
+
+A scan without findings still gets an SR (:func:`build_no_findings_sr`), so that a PACS shows the run happened and
+found nothing: one TID 1501 measurement group "No nodule found" holding the qualitative evaluation DCM 111017 "CAD
+Processing and Findings Summary" = DCM 111242 "All algorithms succeeded; without findings" (the CAD SR templates'
+code for exactly this) and the score threshold in its tracking identifier. It references the source CT series
+(there is no SEG to reference).
+
 The document is marked COMPLETE (it holds every finding) and UNVERIFIED (no person has checked it).
-Non-DICOM input or no findings raise :class:`~nodulenet.export.dicom_seg.ExportSkipped`.
+Non-DICOM input raises :class:`~nodulenet.export.dicom_seg.ExportSkipped`.
 """
 
 from __future__ import annotations
@@ -46,6 +56,19 @@ UNIT_MM3 = codes.UCUM.CubicMillimeter
 UNIT_HU = hd.sr.CodedConcept(value="[hnsf'U]", scheme_designator="UCUM", meaning="Hounsfield unit")
 UNIT_PERCENT = hd.sr.CodedConcept(value="%", scheme_designator="UCUM", meaning="percent")
 LATERALITY = {"right": codes.SCT.Right, "left": codes.SCT.Left}
+SITE_CODES = {"lung": codes.SCT.Lung, "bone": codes.SCT.Bone, "outside_lungs": codes.SCT.Thorax}
+NO_FINDINGS_IDENTIFIER = "No nodule found"
+
+
+def _tracking_text(f: NoduleFinding) -> str:
+    """``Nodule 1, image 73, z -99.5 mm`` (the slice a reader opens); ``Nodule 1`` when it is not known."""
+    if f.centre_slice is None:
+        return f"Nodule {f.id}"
+    ref = f.centre_slice
+    if ref.instance_number is not None:
+        z = ref.slice_location_mm if ref.slice_location_mm is not None else ref.position_z_mm
+        return f"Nodule {f.id}, image {ref.instance_number}, z {z:.1f} mm"
+    return f"Nodule {f.id}, slice {ref.index + 1}, z {ref.position_z_mm:.1f} mm"
 
 
 def _measurements(f: NoduleFinding, algorithm: hd.sr.AlgorithmIdentification) -> list[hd.sr.Measurement]:
@@ -121,11 +144,11 @@ def build_dicom_sr(findings: ScanFindings, segmentation: Dataset,
     sources = _source_images_by_segment(segmentation)
     groups = []
     for f in sorted(findings.findings, key=lambda f: f.id):
-        sites = [hd.sr.FindingSite(anatomic_location=codes.SCT.Lung,
+        sites = [hd.sr.FindingSite(anatomic_location=SITE_CODES[f.site or "lung"],
                                    laterality=LATERALITY[f.side] if f.side else None)]
         groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(uid=str(segments[f.id].TrackingUID),
-                                                         identifier=f"Nodule {f.id}"),
+                                                         identifier=_tracking_text(f)),
             referenced_segment=_segment_reference(segmentation, f.id, ct_series_uid, sources),
             finding_type=codes.SCT.Nodule,
             finding_category=codes.SCT.MorphologicallyAbnormalStructure,
@@ -133,6 +156,27 @@ def build_dicom_sr(findings: ScanFindings, segmentation: Dataset,
             finding_sites=sites,
             measurements=_measurements(f, algorithm),
         ))
+    return _document(groups, [*source_headers, segmentation])
+
+
+def build_no_findings_sr(findings: ScanFindings, source_headers: Sequence[Dataset]) -> hd.sr.Comprehensive3DSR:
+    """The SR of a scan in which nothing scored at least the threshold (module doc)."""
+    if findings.findings:
+        raise ValueError("build_no_findings_sr is for a scan without findings")
+    algorithm = hd.sr.AlgorithmIdentification(name=MODEL_NAME, version=algorithm_version(findings))
+    threshold = "" if findings.threshold is None else f" scoring >= {findings.threshold:g}"
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"{NO_FINDINGS_IDENTIFIER}{threshold}"),
+        finding_type=codes.SCT.Nodule,
+        algorithm_id=algorithm,
+        finding_sites=[hd.sr.FindingSite(anatomic_location=codes.SCT.Lung)],
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(
+            name=codes.DCM.CADProcessingAndFindingsSummary, value=codes.DCM.AllAlgorithmsSucceededWithoutFindings)],
+    )
+    return _document([group], list(source_headers))
+
+
+def _document(groups: list, evidence: list[Dataset]) -> hd.sr.Comprehensive3DSR:
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -145,7 +189,7 @@ def build_dicom_sr(findings: ScanFindings, segmentation: Dataset,
         imaging_measurements=groups,
     )
     return hd.sr.Comprehensive3DSR(
-        evidence=[*source_headers, segmentation],
+        evidence=evidence,
         content=report,
         series_instance_uid=hd.UID(),
         series_number=SR_SERIES_NUMBER,
@@ -159,15 +203,19 @@ def build_dicom_sr(findings: ScanFindings, segmentation: Dataset,
     )
 
 
-def write_dicom_sr(findings: ScanFindings, hu: Volume, segmentation: Dataset | str | Path, path: str | Path, *,
+def write_dicom_sr(findings: ScanFindings, hu: Volume, segmentation: Dataset | str | Path | None, path: str | Path, *,
                    source_headers: Sequence[Dataset] | None = None) -> Path:
-    """Write ``sr.dcm`` for a scan read from DICOM, referencing ``segmentation`` (the SEG dataset or its file).
+    """Write ``sr.dcm`` for a scan read from DICOM, referencing ``segmentation`` (the SEG dataset or its file;
+    None for a scan without findings, whose SR says "no findings").
 
-    Raises :class:`ExportSkipped` for non-DICOM input or no findings.
+    Raises :class:`ExportSkipped` for non-DICOM input.
     """
     require_dicom_source(hu, "DICOM SR")
     if not findings.findings:
-        raise ExportSkipped("DICOM SR", "no findings (a TID 1500 report needs at least one measurement group)")
+        headers = list(source_headers) if source_headers is not None else read_source_headers(hu, "DICOM SR")
+        return save_dataset(build_no_findings_sr(findings, headers), path)
+    if segmentation is None:
+        raise ValueError("a DICOM SR of findings references their DICOM SEG: give it")
     if not isinstance(segmentation, Dataset):
         seg_path = Path(segmentation)
         try:

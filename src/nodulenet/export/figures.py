@@ -6,6 +6,13 @@ outline is red, other findings' outlines dashed orange, the long axis a yellow l
 EDGES (as the measurements count voxels), not the voxel centres. Side letters (R/L) come from the direction
 matrix: in LPS +x is the patient's LEFT.
 
+Slices are named as a reader finds them in a PACS: "axial image 73" (the DICOM InstanceNumber) for DICOM input,
+"axial slice 189/261, z -99.5 mm" otherwise; never the 0-based array index, which counts from the other end of
+the series in most DICOM scans.
+
+:func:`overview_figure_png` draws the whole axial slice through a finding's centre (lung window), the finding
+outlined and ringed, so a reader sees where in the chest it is before looking at the zoomed crops.
+
 Why Pillow and not matplotlib: a report of LIDC-IDRI-0001 with the demo model holds ~100 findings, and one
 matplotlib figure (imshow + contour + tight_layout + savefig) took 0.25 s each, 24.6 s of a 67 s predict; this
 renderer draws the same picture with numpy (nearest-neighbour upsampling, edge pixels of the upsampled mask) in
@@ -20,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from nodulenet.io.findings import NoduleFinding
+from nodulenet.io.findings import NoduleFinding, slice_reference_at
 from nodulenet.io.volume import Volume
 
 LUNG_WINDOW_HU = (-1350.0, 150.0)  # level -600, width 1500
@@ -34,6 +41,8 @@ TITLE_PX = 26
 MARGIN_PX = 8
 DASH_PX = 6  # dash length of other findings' outlines
 PANEL_TOP_PX = 2 * TITLE_PX  # the figure title, then the panel titles, then the panels
+OVERVIEW_PX = 360  # largest width of the whole-slice overview
+RING_RGB = (0, 230, 118)  # #00e676: the ring around the finding on the overview
 
 
 @lru_cache(maxsize=4)
@@ -110,6 +119,11 @@ def _labelled_panel(canvas: Any, draw: Any, panel: _Panel, left: int, title: str
     canvas.paste(Image.fromarray(panel.rgb), (left, PANEL_TOP_PX))
     draw.text((left, TITLE_PX + 4), title, fill=(0, 0, 0), font=_font(14))
     height, width = panel.rgb.shape[:2]
+    _side_letters(draw, left, width, height, letters)
+
+
+def _side_letters(draw: Any, left: int, width: int, height: int, letters: tuple[str, str]) -> None:
+    """The patient's side letters, white on black, at the middle of a panel's left and right edges."""
     font = _font(15)
     for text, at_right in ((letters[0], False), (letters[1], True)):
         tw = draw.textlength(text, font=font)
@@ -117,6 +131,59 @@ def _labelled_panel(canvas: Any, draw: Any, panel: _Panel, left: int, title: str
         y = PANEL_TOP_PX + height / 2 - 9
         draw.rectangle((x - 2, y - 1, x + tw + 2, y + 19), fill=(0, 0, 0))
         draw.text((x, y), text, fill=(255, 255, 255), font=font)
+
+
+def axial_slice_name(hu: Volume, z: int) -> str:
+    """``image 73`` for DICOM input (InstanceNumber), else ``slice 189/261, z -99.5 mm``."""
+    ref = slice_reference_at(hu.geometry, hu.meta, z)
+    if ref.instance_number is not None:
+        return f"image {ref.instance_number}"
+    return f"slice {z + 1}/{hu.shape_zyx[0]}, z {ref.position_z_mm:.1f} mm"
+
+
+def _png(canvas: Any) -> bytes:
+    buffer = io.BytesIO()
+    # compress_level 3: ~3x faster than Pillow's default 6 for a few % more bytes on these small pictures.
+    canvas.save(buffer, format="PNG", compress_level=3)
+    return buffer.getvalue()
+
+
+def overview_figure_png(hu: Volume, label_array: np.ndarray, finding: NoduleFinding) -> bytes:
+    """PNG bytes: the whole axial slice through the finding's centre at lung window, the finding outlined in red
+    and ringed in green (visible at this scale even for a 4 mm nodule), other findings dashed orange."""
+    from PIL import Image, ImageDraw
+
+    _, dy, dx = hu.spacing_zyx
+    z = finding.centre_slice.index if finding.centre_slice is not None else int(round(finding.center_zyx[0]))
+    z = int(np.clip(z, 0, hu.shape_zyx[0] - 1))
+    labels = label_array[z]
+    # The whole slice at most OVERVIEW_PX wide, pixels square in mm. Area-averaged (Image.BOX): a reduced CT slice
+    # keeps its look and its noise averages out, which also keeps the PNG small (96 KB for a 512 x 512 LIDC slice at
+    # 360 px, against 178 KB at 1:1; 12 ms CPU against 22 ms, the crops figure taking 7 ms).
+    rows, cols = labels.shape
+    scale = min(1.0, OVERVIEW_PX / cols)  # pixels per voxel column
+    width, height = max(1, int(round(cols * scale))), max(1, int(round(rows * dy / dx * scale)))
+    gray = np.asarray(Image.fromarray(_window(hu.array[z])).resize((width, height), Image.Resampling.BOX))
+    rgb = np.repeat(gray[:, :, None], 3, axis=2)
+
+    def shrunk(mask: np.ndarray) -> np.ndarray:
+        return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((width, height),
+                                                                              Image.Resampling.NEAREST)) > 127
+
+    rgb[_edges(shrunk((labels > 0) & (labels != finding.id)), 1)] = OTHER_RGB
+    rgb[_edges(shrunk(labels == finding.id), 1)] = OUTLINE_RGB
+    canvas = Image.new("RGB", (width + 2 * MARGIN_PX, PANEL_TOP_PX + height + MARGIN_PX), (255, 255, 255))
+    canvas.paste(Image.fromarray(np.ascontiguousarray(rgb)), (MARGIN_PX, PANEL_TOP_PX))
+    draw = ImageDraw.Draw(canvas)
+    cy = PANEL_TOP_PX + (finding.center_zyx[1] + 0.5) * dy / dx * scale
+    cx = MARGIN_PX + (finding.center_zyx[2] + 0.5) * scale
+    r = max(8.0, 0.75 * (finding.diameter_mm or 10.0)) / dx * scale + 4
+    draw.ellipse((cx - r, cy - r, cx + r, cy + r), outline=RING_RGB, width=2)
+    draw.text((MARGIN_PX, 4), f"Nodule {finding.id}: where it is", fill=(0, 0, 0), font=_font(16))
+    draw.text((MARGIN_PX, TITLE_PX + 4), f"axial {axial_slice_name(hu, z)} (whole slice)", fill=(0, 0, 0),
+              font=_font(14))
+    _side_letters(draw, MARGIN_PX, width, height, side_letters(hu.geometry.direction_matrix[:, 0]))
+    return _png(canvas)
 
 
 def nodule_figure_png(hu: Volume, label_array: np.ndarray, finding: NoduleFinding) -> bytes:
@@ -157,8 +224,9 @@ def nodule_figure_png(hu: Volume, label_array: np.ndarray, finding: NoduleFindin
     draw = ImageDraw.Draw(canvas)
     long_axis = f"{finding.diameter_mm:.1f} mm" if finding.diameter_mm is not None else "n/a"
     left_axial, left_coronal = MARGIN_PX, 2 * MARGIN_PX + axial.rgb.shape[1]
-    _labelled_panel(canvas, draw, axial, left_axial, f"axial z={z_axial}   long axis {long_axis}", letters)
-    _labelled_panel(canvas, draw, coronal, left_coronal, f"coronal y={y_coronal}", letters)
+    _labelled_panel(canvas, draw, axial, left_axial, f"axial {axial_slice_name(hu, z_axial)}   long axis {long_axis}",
+                    letters)
+    _labelled_panel(canvas, draw, coronal, left_coronal, "coronal, through the centre", letters)
     if finding.long_axis_zyx is not None:
         (_, ay, ax_), (_, by, bx) = finding.long_axis_zyx
         pa, pb = axial.point(ay - y0, ax_ - x0), axial.point(by - y0, bx - x0)
@@ -166,7 +234,4 @@ def nodule_figure_png(hu: Volume, label_array: np.ndarray, finding: NoduleFindin
                   fill=AXIS_RGB, width=2)
     draw.text((MARGIN_PX, 4), f"Nodule {finding.id}   score {finding.score:.3f}",
               fill=(0, 0, 0), font=_font(16))
-    buffer = io.BytesIO()
-    # compress_level 3: ~3x faster than Pillow's default 6 for a few % more bytes on these small pictures.
-    canvas.save(buffer, format="PNG", compress_level=3)
-    return buffer.getvalue()
+    return _png(canvas)

@@ -23,19 +23,23 @@ index space scaled by ``spacing_zyx`` are distances in the patient):
   +x points to the patient's LEFT, so a nodule at larger x than the midline is in the left lung. The midline
   is the mean x of body voxels (> -500 HU) on that slice, not world x = 0, because the table centre is not
   the patient's midline.
+- ``centre_slice`` (:func:`nodulenet.io.findings.slice_reference`): the slice through the centre, with its DICOM
+  InstanceNumber and SliceLocation when the scan was read from DICOM.
+- ``site`` (:func:`lung_site`): ``lung`` / ``outside_lungs`` / ``bone``, from the lung segmentation the network
+  input was made with and the finding's mean HU (rules there).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
-from nodulenet.io.findings import NoduleFinding, NoduleMask
+from nodulenet.io.findings import BONE_HU, NoduleFinding, NoduleMask, slice_reference
 from nodulenet.io.volume import Geometry, Volume
 
 # Body vs air for the midline: fat is about -100 HU, lung -900 to -500; -500 keeps lung out of the body.
@@ -176,6 +180,50 @@ def patient_side(center_zyx: tuple[float, float, float], hu: Volume) -> str | No
     return "left" if point_world[0] > midline_world[0] else "right"
 
 
+def _label_at(labels: Volume, world_xyz_mm: tuple[float, float, float]) -> int:
+    """Value of ``labels`` at the voxel nearest a world point; 0 outside its grid."""
+    idx = np.floor(np.asarray(labels.world_to_voxel(world_xyz_mm), dtype=np.float64) + 0.5).astype(int)
+    if np.any(idx < 0) or np.any(idx >= np.asarray(labels.shape_zyx)):
+        return 0
+    return int(labels.array[tuple(idx)])
+
+
+def lung_site(center_world_xyz_mm: tuple[float, float, float], mean_hu: float | None, lungs: Volume,
+              kept: Volume) -> str:
+    """Where a finding's centre lies, from the lung segmentation of the network's input.
+
+    ``lungs``: lung labels (> 0 in a lung), ``kept``: the lungs dilated by the preparation's margin (10 mm as
+    published; the network sees nothing outside it), both on any grid with its geometry (the resampled one).
+    Rules: centre outside ``kept`` -> ``outside_lungs``; mean HU >= :data:`~nodulenet.io.findings.BONE_HU` with
+    the centre outside the lungs proper (in the dilated margin) -> ``bone`` (a rib or a vertebra next to the
+    pleura); else ``lung``. A calcified nodule (also bone-dense) whose centre is inside a lung stays ``lung``.
+    """
+    if not _label_at(kept, center_world_xyz_mm):
+        return "outside_lungs"
+    if mean_hu is not None and mean_hu >= BONE_HU and not _label_at(lungs, center_world_xyz_mm):
+        return "bone"
+    return "lung"
+
+
+def _centre_hu(hu: Volume, center_zyx: tuple[float, float, float]) -> float:
+    """Mean HU of the 3x3x3 voxels around a point (a finding without a mask has no mean HU of its own)."""
+    c = np.clip(np.floor(np.asarray(center_zyx) + 0.5).astype(int), 0, np.asarray(hu.shape_zyx) - 1)
+    lo, hi = np.maximum(c - 1, 0), c + 2
+    return float(hu.array[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].astype(np.float64).mean())
+
+
+def locate_finding(finding: NoduleFinding, hu: Volume, lungs: Volume | None = None,
+                   kept: Volume | None = None) -> NoduleFinding:
+    """``finding`` with ``centre_slice`` (on ``hu``'s grid, DICOM numbers from ``hu.meta``) and, given the lung
+    segmentation, ``site`` filled in."""
+    centre_slice = slice_reference(hu.geometry, hu.meta, finding.center_world_xyz_mm)
+    site = finding.site
+    if lungs is not None and kept is not None:
+        mean_hu = finding.mean_hu if finding.mean_hu is not None else _centre_hu(hu, finding.center_zyx)
+        site = lung_site(finding.center_world_xyz_mm, mean_hu, lungs, kept)
+    return replace(finding, centre_slice=centre_slice, site=site)
+
+
 def finding_from_mask(finding_id: int, score: float, mask: NoduleMask, hu: Volume) -> NoduleFinding:
     """A fully measured :class:`NoduleFinding` (mask kept, as a tight crop) from a mask on ``hu``'s grid."""
     m = measure_mask(mask, hu.geometry, hu)
@@ -194,6 +242,7 @@ def finding_from_mask(finding_id: int, score: float, mask: NoduleMask, hu: Volum
         side=patient_side(m.center_zyx, hu),
         long_axis_zyx=m.long_axis_zyx,
         mask=mask.tight(),
+        centre_slice=slice_reference(hu.geometry, hu.meta, m.center_world_xyz_mm),
     )
 
 

@@ -4,8 +4,14 @@ Everything is in the one file: PNG pictures are embedded as base64 data URIs, th
 there is no script and no external link, so the file can be mailed or archived as it is. Every string that
 comes from the input (patient name and id, paths, UIDs) is HTML-escaped.
 
-Pictures: for each finding an axial and a coronal crop at lung window with its outline, drawn by
-:func:`nodulenet.export.figures.nodule_figure_png` (conventions there).
+Pictures: for each finding a whole-slice axial overview with the finding ringed
+(:func:`nodulenet.export.figures.overview_figure_png`) next to an axial and a coronal crop at lung window with its
+outline (:func:`nodulenet.export.figures.nodule_figure_png`; conventions there).
+
+Every finding names its centre slice as a PACS does (DICOM image number, else z in mm) and where it is (lung
+side, or flagged: outside the lungs, bone). The best detections BELOW the score threshold are listed after the
+findings in a separate table marked as such (they are not findings; nothing else is written for them), so a
+report of "0 findings" still shows what came closest.
 """
 
 from __future__ import annotations
@@ -18,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from nodulenet.export.figures import nodule_figure_png
+from nodulenet.export.figures import nodule_figure_png, overview_figure_png
 from nodulenet.io.atomic import write_text_atomic
-from nodulenet.io.findings import ScanFindings
+from nodulenet.io.findings import NoduleFinding, ScanFindings
 from nodulenet.io.volume import Volume
 
 DISCLAIMER = "NoduleNet is research software, not a medical device; not for diagnosis."
@@ -61,13 +67,46 @@ td.text, th.text { text-align: left; }
 dl { display: grid; grid-template-columns: max-content auto; gap: 0.2em 1em; }
 dt { font-weight: bold; }
 dd { margin: 0; word-break: break-all; }
-.nodule img { max-width: 100%; }
+.nodule img { max-width: 100%; vertical-align: top; margin-right: 0.5em; }
+.flag { color: #b71c1c; font-weight: bold; }
+.below { border: 2px dashed #888; padding: 0 1em; color: #444; }
 .credit { color: #555; font-size: 0.9em; }
 """
 
 
+def _slice_cell(f: NoduleFinding, n_slices: int) -> str:
+    return "unknown" if f.centre_slice is None else _e(f.centre_slice.describe(n_slices))
+
+
+def _where_cell(f: NoduleFinding) -> str:
+    text = _e(f.location_text)
+    return text if f.site in (None, "lung") else f'<span class="flag">{text}</span>'
+
+
+def _below_threshold_section(findings: ScanFindings, n_slices: int) -> list[str]:
+    """The best detections under the threshold, apart from the findings and marked as not being findings."""
+    below = sorted(findings.below_threshold, key=lambda f: (-f.score, f.id))
+    if not below:
+        return []
+    threshold = "the threshold" if findings.threshold is None else f"{findings.threshold:g}"
+    rows = [f"<tr><td>{f.score:.3f}</td><td class=\"text\">{_slice_cell(f, n_slices)}</td>"
+            f"<td class=\"text\">{_triplet(f.center_world_xyz_mm)}</td><td class=\"text\">{_where_cell(f)}</td></tr>"
+            for f in below]
+    return [
+        '<div class="below">',
+        f"<h2>Below the threshold: not findings ({len(below)})</h2>",
+        f"<p>The {len(below)} highest-scoring candidate(s) that scored less than {_e(threshold)}. They are NOT "
+        "reported as nodules (no outline, no DICOM SEG segment); they are listed so that a reader can look at "
+        "what the model came closest to reporting.</p>",
+        "<table>", "<thead><tr><th>Score</th><th class=\"text\">Centre slice</th>"
+        "<th class=\"text\">World centre x, y, z (mm, LPS)</th><th class=\"text\">Where</th></tr></thead>",
+        "<tbody>", *rows, "</tbody>", "</table>", "</div>",
+    ]
+
+
 def render_report_html(findings: ScanFindings, hu: Volume, label_array: np.ndarray, *, lidc: bool | None = None) -> str:
     """The report as one HTML string (see the module doc)."""
+    findings = findings.with_centre_slices(hu.meta)
     src = findings.source
     model = findings.model
     header_rows = [
@@ -80,6 +119,7 @@ def render_report_html(findings: ScanFindings, hu: Volume, label_array: np.ndarr
         ("NoduleNet version", findings.nodulenet_version), ("Created (UTC)", findings.created_utc),
     ]
     ordered = sorted(findings.findings, key=lambda f: f.id)
+    n_slices = hu.shape_zyx[0]
     parts = [
         "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
         f"<title>NoduleNet report: {_e(src.patient_id or Path(src.path).name)}</title>",
@@ -99,27 +139,34 @@ def render_report_html(findings: ScanFindings, hu: Volume, label_array: np.ndarr
             "<table>", "<thead><tr>",
             "<th>ID</th><th>Score</th><th>Long axis (mm)</th><th>Equivalent diameter (mm)</th>"
             "<th>Volume (mm&sup3;)</th><th>Mean HU</th><th class=\"text\">World centre x, y, z (mm, LPS)</th>"
-            "<th class=\"text\">Voxel centre z, y, x</th><th class=\"text\">Side</th>",
+            "<th class=\"text\">Voxel centre z, y, x</th><th class=\"text\">Where</th>"
+            "<th class=\"text\">Centre slice</th>",
             "</tr></thead>", "<tbody>",
         ]
         for f in ordered:
-            side = {"right": "right lung", "left": "left lung"}.get(f.side or "", "unknown")
             parts.append(
                 f"<tr><td>{f.id}</td><td>{f.score:.3f}</td><td>{_num(f.diameter_mm)}</td>"
                 f"<td>{_num(f.equivalent_diameter_mm)}</td><td>{_num(f.volume_mm3, 0)}</td>"
                 f"<td>{_num(f.mean_hu, 0)}</td>"
                 f"<td class=\"text\">{_triplet(f.center_world_xyz_mm)}</td>"
                 f"<td class=\"text\">{_triplet(f.center_zyx)}</td>"
-                f"<td class=\"text\">{side}</td></tr>"
+                f"<td class=\"text\">{_where_cell(f)}</td>"
+                f"<td class=\"text\">{_slice_cell(f, n_slices)}</td></tr>"
             )
         parts += ["</tbody>", "</table>",
-                  "<p>Long axis: longest in-plane diameter over the scan's slices, measured to the voxel edges. "
-                  "Side: the patient's side, from the body midline.</p>"]
+                  "<p>Centre slice: the DICOM image number (InstanceNumber) and z position of the slice through "
+                  "the centre, as a PACS shows them (for non-DICOM input, the slice counted from the first "
+                  "and its z). Long axis: longest in-plane diameter over the scan's slices, measured to the voxel "
+                  "edges. Where: the patient's side, from the body midline; findings whose centre is outside the "
+                  "lungs or on bone are flagged.</p>"]
         for f in ordered:
+            overview = base64.b64encode(overview_figure_png(hu, label_array, f)).decode("ascii")
             png = base64.b64encode(nodule_figure_png(hu, label_array, f)).decode("ascii")
             parts += [f'<div class="nodule"><h3>Nodule {f.id}</h3>',
+                      f'<img src="data:image/png;base64,{overview}" alt="Nodule {f.id}: whole axial slice">',
                       f'<img src="data:image/png;base64,{png}" alt="Nodule {f.id}: axial and coronal views">',
                       "</div>"]
+    parts += _below_threshold_section(findings, n_slices)
     if lidc if lidc is not None else is_lidc_source(findings, hu):
         parts.append(f'<p class="credit">{_e(LIDC_CREDIT)}</p>')
     parts += [f'<p class="credit">{_e(DISCLAIMER)}</p>', "</body>", "</html>", ""]

@@ -37,7 +37,7 @@ from nodulenet.followup.matching import match_nodules
 from nodulenet.followup.nodule_type import NoduleComposition, nodule_composition
 from nodulenet.followup.registration import RegistrationError, register_scans
 from nodulenet.io.atomic import ensure_output_folder, write_json_atomic
-from nodulenet.io.findings import NoduleFinding, ScanFindings, read_findings_json
+from nodulenet.io.findings import NoduleFinding, ScanFindings, find_results_json, read_findings_json
 from nodulenet.io.volume import Volume
 
 logger = logging.getLogger(__name__)
@@ -80,20 +80,11 @@ class ComparisonResult:
 
 
 def result_folder(path: Path) -> Path | None:
-    """The folder holding ``nodules.json`` if ``path`` is a predict output (or a ``predict -o`` root with one scan)."""
-    if path.is_file() and path.name == "nodules.json":
-        return path.parent
-    if not path.is_dir():
-        return None
-    if (path / "nodules.json").is_file():
-        return path
-    subs = sorted(p.parent for p in path.glob("*/nodules.json"))
-    if len(subs) == 1:
-        return subs[0]
-    if len(subs) > 1:
-        raise InputError(path, f"holds {len(subs)} results ({', '.join(s.name for s in subs)}); give the one to "
-                               "compare")
-    return None
+    """The folder holding ``nodules.json`` when ``path`` is a predict output (its ``nodules.json``, its folder, or a
+    ``predict -o`` folder with one scan: :func:`~nodulenet.io.findings.find_results_json`); None for a scan."""
+    is_result = path.name == "nodules.json" or (path.is_dir() and (
+        (path / "nodules.json").is_file() or any(path.glob("*/nodules.json"))))
+    return find_results_json(path).parent if is_result else None
 
 
 def _load_result(folder: Path) -> TimePoint:

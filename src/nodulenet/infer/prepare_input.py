@@ -45,6 +45,10 @@ class PreparedInput:
     transform: CaseTransform
     lung_volume_ml: float
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    # The lung segmentation on the resampled (uncropped) grid, ``transform.resampled``: labels (> 0 in a lung)
+    # and the dilated region the network sees. Findings are placed against it (``site``: in a lung or not).
+    lungs: np.ndarray | None = field(default=None, repr=False)
+    lungs_kept: np.ndarray | None = field(default=None, repr=False)
 
 
 def _source(ct: Volume) -> Path | None:
@@ -98,4 +102,5 @@ def prepare_input(ct: Volume, config: PrepareConfig | None = None) -> PreparedIn
     if not prepared.lung.lungs.any():  # segment_lungs may end with an empty mask after its airway/fill steps
         raise InputError(_source(ct), "no lungs found: the lung segmentation came out empty (is this a chest CT?)")
     return PreparedInput(image=prepared.image, transform=prepared.transform,
-                         lung_volume_ml=float(prepared.lung.lung_volume_ml), stage_seconds=prepared.stage_seconds)
+                         lung_volume_ml=float(prepared.lung.lung_volume_ml), stage_seconds=prepared.stage_seconds,
+                         lungs=prepared.lung.lungs, lungs_kept=prepared.lung.kept)

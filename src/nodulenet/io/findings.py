@@ -36,6 +36,19 @@ Example ``nodules.json`` (abridged)::
 ``diameter_mm`` is the long-axis diameter (longest in-plane diameter, see
 :mod:`nodulenet.export.measurements`); ``long_axis_zyx`` its two end points (voxel coordinates on the
 slice where it was measured). Mask-derived values are ``null`` for a finding without a mask.
+
+Added later (optional on reading, so older files still load):
+
+- ``centre_slice``: the slice a reader opens to see the finding (:class:`SliceReference`): ``index`` (0-based
+  array z of the scan grid, nearest the centre along the slice normal), ``instance_number`` and
+  ``slice_location_mm`` (the DICOM InstanceNumber and SliceLocation of that slice as written in its file, what
+  a PACS shows; ``null`` for non-DICOM input or when the file lacks them) and ``position_z_mm`` (world z, LPS, of
+  the finding's centre projected onto that slice: the slice's table position for axial scans).
+  Example: ``{"index": 187, "instance_number": 74, "slice_location_mm": -177.5, "position_z_mm": -177.5}``.
+- ``site``: where the centre lies (:data:`SITES`): ``"lung"`` (inside the lungs or their 10 mm dilated
+  margin), ``"outside_lungs"`` (outside the dilated lung mask) or ``"bone"`` (bone density, mean HU >=
+  :data:`BONE_HU`, outside the lungs proper: a rib, a vertebra). ``side`` stays the patient's side of the body
+  midline; ``site`` says whether it is in a lung at all. ``null`` when it could not be decided.
 """
 
 from __future__ import annotations
@@ -57,6 +70,10 @@ from nodulenet.io.volume import Geometry
 
 SCHEMA = "nodulenet.nodules/1"
 SIDES = ("right", "left")
+SITES = ("lung", "outside_lungs", "bone")
+# Mean HU from which a finding outside the lungs proper is bone: cancellous bone is ~300-400 HU, cortical
+# >= 700; soft tissue and solid nodules are below ~100, so nothing soft reaches it.
+BONE_HU = 300.0
 
 Triplet = tuple[float, float, float]
 
@@ -130,6 +147,86 @@ class NoduleMask:
 
 
 @dataclass(frozen=True)
+class SliceReference:
+    """The slice of the scan through a finding's centre, named the ways a reader can use (module doc)."""
+
+    index: int
+    position_z_mm: float
+    instance_number: int | None = None
+    slice_location_mm: float | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.index, bool) or int(self.index) != self.index or int(self.index) < 0:
+            raise ValueError(f"centre_slice.index must be an integer >= 0, got {self.index!r}")
+        object.__setattr__(self, "index", int(self.index))
+        position = _optional_float(self.position_z_mm, "centre_slice.position_z_mm")
+        if position is None:
+            raise ValueError("centre_slice.position_z_mm must be a number")
+        object.__setattr__(self, "position_z_mm", position)
+        if self.instance_number is not None:
+            if isinstance(self.instance_number, bool) or int(self.instance_number) != self.instance_number:
+                raise ValueError(f"centre_slice.instance_number must be an integer, got {self.instance_number!r}")
+            object.__setattr__(self, "instance_number", int(self.instance_number))
+        object.__setattr__(self, "slice_location_mm",
+                           _optional_float(self.slice_location_mm, "centre_slice.slice_location_mm"))
+
+    def describe(self, n_slices: int | None = None) -> str:
+        """How a person finds it: ``image 74 (slice location -177.5 mm)`` for DICOM, ``z -177.5 mm`` else."""
+        if self.instance_number is not None:
+            location = self.slice_location_mm if self.slice_location_mm is not None else self.position_z_mm
+            return f"image {self.instance_number} (z {location:.1f} mm)"
+        of = f" of {n_slices}" if n_slices else ""
+        return f"slice {self.index + 1}{of} (z {self.position_z_mm:.1f} mm)"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "instance_number": self.instance_number,
+                "slice_location_mm": self.slice_location_mm, "position_z_mm": self.position_z_mm}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SliceReference:
+        _require(d, ("index", "position_z_mm"), "centre_slice")
+        return cls(index=d["index"], position_z_mm=d["position_z_mm"], instance_number=d.get("instance_number"),
+                   slice_location_mm=d.get("slice_location_mm"))
+
+
+def _per_slice_value(meta: Mapping[str, Any], key: str, index: int, n_slices: int) -> Any:
+    """``meta[key][index]`` when the reader recorded one value per slice of this grid, else None."""
+    values = meta.get(key)
+    if not isinstance(values, (list, tuple)) or len(values) != n_slices:
+        return None
+    value = values[index]
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def slice_reference(geometry: Geometry, meta: Mapping[str, Any], world_xyz_mm: Any) -> SliceReference:
+    """The slice through a world point on ``geometry``'s grid, with the DICOM numbers the reader recorded in
+    ``meta`` (``instance_numbers``, ``slice_locations_mm``: one per slice in array z order).
+
+    The slice is the one whose centre is nearest the point along the slice normal (array z); the DICOM reader
+    sorts slices by ImagePositionPatient along that normal, so this is the instance whose position is nearest.
+    """
+    zyx = np.asarray(geometry.world_to_voxel(np.asarray(world_xyz_mm, dtype=np.float64)), dtype=np.float64)
+    index = int(np.clip(np.floor(zyx[0] + 0.5), 0, int(geometry.shape_zyx[0]) - 1))
+    return slice_reference_at(geometry, meta, index, (float(zyx[1]), float(zyx[2])))
+
+
+def slice_reference_at(geometry: Geometry, meta: Mapping[str, Any], index: int,
+                       row_col: tuple[float, float] | None = None) -> SliceReference:
+    """:class:`SliceReference` of array slice ``index``; ``position_z_mm`` at in-plane voxel ``row_col`` (default
+    the slice's middle; all the same for an axial scan)."""
+    n = int(geometry.shape_zyx[0])
+    index = int(index)
+    if row_col is None:
+        row_col = ((geometry.shape_zyx[1] - 1) / 2.0, (geometry.shape_zyx[2] - 1) / 2.0)
+    position = float(geometry.voxel_to_world((float(index), row_col[0], row_col[1]))[2])
+    instance = _per_slice_value(meta, "instance_numbers", index, n)
+    location = _per_slice_value(meta, "slice_locations_mm", index, n)
+    return SliceReference(index=index, position_z_mm=position,
+                          instance_number=None if instance is None else int(instance),
+                          slice_location_mm=None if location is None else float(location))
+
+
+@dataclass(frozen=True)
 class NoduleFinding:
     """One nodule on the original scan grid (see the module doc for every field's convention)."""
 
@@ -147,6 +244,8 @@ class NoduleFinding:
     side: str | None = None
     long_axis_zyx: tuple[Triplet, Triplet] | None = None
     mask: NoduleMask | None = field(default=None, repr=False, compare=False)
+    centre_slice: SliceReference | None = None
+    site: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.id, bool) or int(self.id) != self.id or int(self.id) < 1:
@@ -181,6 +280,19 @@ class NoduleFinding:
             object.__setattr__(self, "long_axis_zyx", ends)
         if self.mask is not None and not isinstance(self.mask, NoduleMask):
             raise ValueError(f"finding {self.id}: mask must be a NoduleMask")
+        if self.centre_slice is not None and not isinstance(self.centre_slice, SliceReference):
+            object.__setattr__(self, "centre_slice", SliceReference.from_dict(self.centre_slice))
+        if self.site is not None and self.site not in SITES:
+            raise ValueError(f"finding {self.id}: site must be one of {SITES} or None, got {self.site!r}")
+
+    @property
+    def location_text(self) -> str:
+        """Where it is, in words: ``left lung``, ``right, outside the lungs``, ``left, bone`` (``unknown``)."""
+        side = self.side or ""
+        if self.site in (None, "lung"):
+            return f"{side} lung" if side else ("lung" if self.site else "unknown")
+        what = {"outside_lungs": "outside the lungs", "bone": "bone, outside the lungs"}[self.site]
+        return f"{side}, {what}" if side else what
 
     def with_mask(self, mask: NoduleMask | None) -> NoduleFinding:
         return replace(self, mask=mask)
@@ -200,6 +312,8 @@ class NoduleFinding:
             "mean_hu": self.mean_hu,
             "side": self.side,
             "long_axis_zyx": None if self.long_axis_zyx is None else [list(p) for p in self.long_axis_zyx],
+            "centre_slice": None if self.centre_slice is None else self.centre_slice.to_dict(),
+            "site": self.site,
         }
 
     @classmethod
@@ -219,6 +333,8 @@ class NoduleFinding:
             mean_hu=d.get("mean_hu"),
             side=d.get("side"),
             long_axis_zyx=d.get("long_axis_zyx"),
+            centre_slice=None if d.get("centre_slice") is None else SliceReference.from_dict(d["centre_slice"]),
+            site=d.get("site"),
         )
 
 
@@ -300,13 +416,19 @@ class ScanFindings:
     timings: dict[str, float] = field(default_factory=dict)
     nodulenet_version: str = __version__
     created_utc: str = field(default_factory=utc_now_iso)
+    # The best detections scoring BELOW the threshold (not findings: no mask, no label, no SEG segment), so a
+    # reader sees what came closest; ids 1..M number this list only.
+    below_threshold: list[NoduleFinding] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         ids = sorted(f.id for f in self.findings)
         if ids != list(range(1, len(ids) + 1)):
             raise ValueError(f"finding ids must be 1..{len(ids)} (each once; they are the label-map values), got {ids}")
+        below_ids = sorted(f.id for f in self.below_threshold)
+        if below_ids != list(range(1, len(below_ids) + 1)):
+            raise ValueError(f"below_threshold ids must be 1..{len(below_ids)}, got {below_ids}")
         shape = self.geometry.shape_zyx
-        for f in self.findings:
+        for f in [*self.findings, *self.below_threshold]:
             if any(f.box_zyx[3 + a] > shape[a] for a in range(3)):
                 raise ValueError(f"finding {f.id}: box_zyx {f.box_zyx} reaches outside the scan grid {shape}")
             if f.mask is not None and not f.mask.fits(shape):
@@ -314,6 +436,15 @@ class ScanFindings:
                                  f"grid {shape}")
         self.threshold = _optional_float(self.threshold, "threshold")
         self.timings = {str(k): float(v) for k, v in self.timings.items()}
+
+    def with_centre_slices(self, meta: Mapping[str, Any]) -> ScanFindings:
+        """A copy in which every finding lacking ``centre_slice`` gets it, from this grid and the per-slice DICOM
+        numbers of ``meta`` (the scan's ``Volume.meta``): results made anywhere carry the same slice references."""
+        def fill(items: list[NoduleFinding]) -> list[NoduleFinding]:
+            return [f if f.centre_slice is not None else
+                    replace(f, centre_slice=slice_reference(self.geometry, meta, f.center_world_xyz_mm)) for f in items]
+
+        return replace(self, findings=fill(self.findings), below_threshold=fill(self.below_threshold))
 
     def by_id(self, finding_id: int) -> NoduleFinding:
         for f in self.findings:
@@ -331,6 +462,7 @@ class ScanFindings:
             "model": self.model.to_dict(),
             "threshold": self.threshold,
             "findings": [f.to_dict() for f in sorted(self.findings, key=lambda f: f.id)],
+            "below_threshold": [f.to_dict() for f in sorted(self.below_threshold, key=lambda f: f.id)],
             "timings": dict(self.timings),
         }
 
@@ -343,16 +475,8 @@ class ScanFindings:
         if schema != SCHEMA:
             raise ValueError(f"schema is {schema!r}; this NoduleNet reads {SCHEMA!r}")
         _require(d, ("source", "geometry", "findings"), "nodules.json")
-        if not isinstance(d["findings"], list):
-            raise ValueError("'findings' must be a list")
-        findings = []
-        for k, item in enumerate(d["findings"]):
-            if not isinstance(item, Mapping):
-                raise ValueError(f"findings[{k}] must be an object")
-            try:
-                findings.append(NoduleFinding.from_dict(item))
-            except (ValueError, TypeError) as exc:
-                raise ValueError(f"findings[{k}]: {exc}") from None
+        findings = _findings_list(d["findings"], "findings")
+        below = _findings_list(d.get("below_threshold") or [], "below_threshold")
         try:
             geometry = Geometry.from_dict(d["geometry"])
         except (KeyError, TypeError, ValueError) as exc:
@@ -369,6 +493,7 @@ class ScanFindings:
             timings=dict(timings),
             nodulenet_version=str(d.get("nodulenet_version", "unknown")),
             created_utc=str(d.get("created_utc", "")),
+            below_threshold=below,
         )
 
     def write_json(self, path: str | Path) -> Path:
@@ -379,6 +504,20 @@ class ScanFindings:
     def read_json(cls, path: str | Path) -> ScanFindings:
         """Read ``nodules.json``; any problem is an :class:`InputError` naming the file."""
         return read_findings_json(path)
+
+
+def _findings_list(items: Any, name: str) -> list[NoduleFinding]:
+    if not isinstance(items, list):
+        raise ValueError(f"'{name}' must be a list")
+    findings = []
+    for k, item in enumerate(items):
+        if not isinstance(item, Mapping):
+            raise ValueError(f"{name}[{k}] must be an object")
+        try:
+            findings.append(NoduleFinding.from_dict(item))
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{name}[{k}]: {exc}") from None
+    return findings
 
 
 def _require(d: Mapping[str, Any], keys: tuple[str, ...], what: str) -> None:
@@ -413,3 +552,44 @@ def read_findings_json(path: str | Path) -> ScanFindings:
         return ScanFindings.from_dict(obj)
     except (ValueError, TypeError, KeyError) as exc:
         raise InputError(path, f"not a valid nodules.json: {exc}") from None
+
+
+def _same_source(findings_json: Path, scan: Path) -> bool:
+    try:
+        source = json.loads(findings_json.read_text(encoding="utf-8")).get("source", {}).get("path", "")
+    except (OSError, ValueError, AttributeError):
+        return False
+    try:
+        return bool(source) and Path(source).resolve() == scan.resolve()
+    except OSError:
+        return False
+
+
+def find_results_json(path: str | Path, scan: str | Path | None = None) -> Path:
+    """``nodules.json`` of a results folder, of the file itself, or of the one scan folder inside a ``predict -o``
+    folder (which holds one sub-folder per scan beside ``summary.json``).
+
+    With several scan folders, the one whose ``nodules.json`` names ``scan`` as its source is chosen; without a
+    match an :class:`InputError` lists them, so the user can name one.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "does not exist")
+    if not path.is_dir():
+        return path
+    if (path / "nodules.json").is_file():
+        return path / "nodules.json"
+    inside = sorted(p / "nodules.json" for p in path.iterdir() if (p / "nodules.json").is_file())
+    if len(inside) == 1:
+        return inside[0]
+    if not inside:
+        raise InputError(path, "no nodules.json in this folder or its sub-folders (a complete predict output "
+                               "folder has one per scan)")
+    if scan is not None:
+        matching = [j for j in inside if _same_source(j, Path(scan))]
+        if len(matching) == 1:
+            return matching[0]
+    names = ", ".join(j.parent.name for j in inside[:8]) + (", ..." if len(inside) > 8 else "")
+    raise InputError(path, f"holds the results of {len(inside)} scans ({names}): give one of these sub-folders"
+                           + ("" if scan is None else f" (none is for {scan})"))
+

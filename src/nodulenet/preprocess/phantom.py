@@ -36,6 +36,7 @@ from nodulenet.io.volume import Geometry, Volume
 
 from .phantom_anatomy import Grid, build_anatomy, sample_torso
 from .phantom_nodules import (
+    GROUND_GLASS_STYLES,
     NODULE_KINDS,
     PhantomNodule,
     VesselSites,
@@ -90,9 +91,13 @@ class PhantomConfig:
     vessel_leaf_spacing_mm: float = 5.0
     flip_xyz: tuple[bool, bool, bool] = (False, False, False)
     fov_padding_hu: int | None = -3024
+    # "classic" or "varied" ground-glass nodules (preprocess/phantom_nodules.py); classic keeps every seed as it was.
+    ground_glass_style: str = "classic"
 
     def __post_init__(self) -> None:
         problems = []
+        if self.ground_glass_style not in GROUND_GLASS_STYLES:
+            problems.append(f"ground_glass_style must be one of {GROUND_GLASS_STYLES}, got {self.ground_glass_style!r}")
         if len(self.shape_yx) != 2 or min(self.shape_yx) < 32:
             problems.append(f"shape_yx must be two sizes >= 32, got {self.shape_yx}")
         if len(self.spacing_yx_mm) != 2 or min(self.spacing_yx_mm) <= 0:
@@ -201,7 +206,7 @@ def make_phantom(seed: int, config: PhantomConfig = PhantomConfig()) -> Phantom:
             extras = add_nodules(
                 hu, lung, instance, grid.spacing_zyx, rng_nodules, kinds, config.diameter_range_mm,
                 vessel_sites=VesselSites.from_capsules(anatomy.vessels, rng_nodules),
-                background_ok=plain_parenchyma,
+                background_ok=plain_parenchyma, ground_glass_style=config.ground_glass_style,
             )
         except RuntimeError as exc:
             raise ValueError(f"seed {seed}: {exc}; ask for fewer or smaller nodules or a bigger grid") from None

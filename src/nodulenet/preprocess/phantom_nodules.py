@@ -10,7 +10,11 @@ Kinds (what a radiologist would call them):
 
 - ``solid``: soft-tissue density (+20..+60 HU), smooth, lobulated or spiculated margin;
 - ``part_solid``: ground glass with a solid core of 35-60 % of its diameter (at least 5 mm);
-- ``ground_glass``: -660..-520 HU, mottled, vessels stay visible through it;
+- ``ground_glass``: -660..-520 HU, mottled, vessels stay visible through it (style ``classic``, the default);
+  with style ``varied`` (:data:`GROUND_GLASS_STYLES`) they have the variety of real pure ground-glass nodules
+  (the one of LIDC-IDRI-0002 is ~25 mm, faint, ill-defined): 10-30 mm, -800..-560 HU (the faintest barely
+  200 HU above the lung), patchier (texture +-40..90 HU), an irregular margin (7 deeper, higher-frequency lobes)
+  that fades out over 1.5-4 mm;
 - ``juxta_pleural``: solid, its centre 0.6 radius inside the pleura so it sits on the chest wall or
   mediastinum (the part outside the lung is hidden in soft tissue and is not in the mask);
 - ``juxta_vascular``: solid, touching a vessel of 0.8-3 mm radius.
@@ -37,6 +41,10 @@ from .phantom_tubes import Capsules, render_capsules
 NODULE_KINDS: tuple[str, ...] = ("solid", "part_solid", "ground_glass", "juxta_pleural", "juxta_vascular")
 # Smallest diameter (mm) that still reads as the kind: a 3 mm part-solid nodule has no visible core.
 _MIN_DIAMETER_MM = {"part_solid": 8.0, "ground_glass": 5.0, "juxta_pleural": 5.0}
+# How ground-glass nodules are drawn: "classic" (what the shipped demo model was trained and benchmarked on; the
+# default, so every existing seed gives the same phantom) or "varied" (module doc; draws differ from classic's).
+GROUND_GLASS_STYLES: tuple[str, ...] = ("classic", "varied")
+_VARIED_GROUND_GLASS_MM = (10.0, 30.0)
 F32 = np.float32
 
 
@@ -115,17 +123,41 @@ def _unit(rng: np.random.Generator, n: int) -> np.ndarray:
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
-def sample_diameter(rng: np.random.Generator, kind: str, diameter_range_mm: tuple[float, float]) -> float:
-    """Log-uniform in the range (small nodules are the common ones), raised to the kind's minimum."""
+def sample_diameter(rng: np.random.Generator, kind: str, diameter_range_mm: tuple[float, float],
+                    ground_glass_style: str = "classic") -> float:
+    """Log-uniform in the range (small nodules are the common ones), raised to the kind's minimum; a ``varied``
+    ground-glass nodule is drawn in 10-30 mm (within the range where the range allows)."""
     lo, hi = diameter_range_mm
+    if kind == "ground_glass" and ground_glass_style == "varied":
+        lo, hi = max(lo, _VARIED_GROUND_GLASS_MM[0]), min(max(hi, lo), _VARIED_GROUND_GLASS_MM[1])
+        lo = min(lo, hi)
     lo_kind = min(max(lo, _MIN_DIAMETER_MM.get(kind, lo)), hi)
     return float(np.exp(rng.uniform(np.log(lo_kind), np.log(hi))))
 
 
-def sample_shape(rng: np.random.Generator, kind: str, diameter_mm: float) -> NoduleShape:
+def _varied_ground_glass(rng: np.random.Generator, diameter_mm: float) -> NoduleShape:
+    """A pure ground-glass nodule with the variety of real ones (module doc)."""
+    radius = 0.5 * diameter_mm
+    k = 7
+    return NoduleShape(
+        kind="ground_glass", margin="irregular", center_mm=np.zeros(3), radius_mm=radius, lobe_dirs=_unit(rng, k),
+        lobe_amp=rng.uniform(0.08, 0.18, k), lobe_freq=rng.uniform(1.5, 3.5, k),
+        lobe_phase=rng.uniform(0, 2 * np.pi, k),
+        spicules=Capsules(np.zeros((0, 3)), np.zeros((0, 3)), np.zeros(0), np.zeros(0)),
+        outer_hu=float(rng.uniform(-800.0, -560.0)), texture_hu=float(rng.uniform(40.0, 90.0)),
+        core_offset_mm=None, core_radius_mm=0.0, core_hu=0.0, fuzz_mm=float(rng.uniform(1.5, 4.0)),
+    )
+
+
+def sample_shape(rng: np.random.Generator, kind: str, diameter_mm: float,
+                 ground_glass_style: str = "classic") -> NoduleShape:
     """Draw a nodule of ``kind`` with nominal ``diameter_mm``, centred on the origin."""
     if kind not in NODULE_KINDS:
         raise ValueError(f"unknown nodule kind {kind!r}; expected one of {', '.join(NODULE_KINDS)}")
+    if ground_glass_style not in GROUND_GLASS_STYLES:
+        raise ValueError(f"unknown ground-glass style {ground_glass_style!r}; expected one of {GROUND_GLASS_STYLES}")
+    if kind == "ground_glass" and ground_glass_style == "varied":
+        return _varied_ground_glass(rng, diameter_mm)
     radius = 0.5 * diameter_mm
     ground_glass = kind in ("ground_glass", "part_solid")
     if ground_glass:
@@ -284,6 +316,7 @@ def add_nodules(
     noise_sigma_hu: float = 0.0,
     noise_sigma_px: float = 0.7,
     max_attempts: int = 400,
+    ground_glass_style: str = "classic",
 ) -> list[dict[str, Any]]:
     """Place one nodule per entry of ``kinds`` into ``hu`` (float32, in place) and label it in ``instance_mask``.
 
@@ -309,8 +342,9 @@ def add_nodules(
         for attempt in range(max_attempts):
             # Shrink the wish after many failures: a small lung may not hold a 30 mm nodule.
             shrink = 0.85 ** (attempt // 100)
-            diameter = max(sample_diameter(rng, kind, diameter_range_mm) * shrink, diameter_range_mm[0])
-            candidate = sample_shape(rng, kind, diameter)
+            diameter = max(sample_diameter(rng, kind, diameter_range_mm, ground_glass_style) * shrink,
+                           diameter_range_mm[0])
+            candidate = sample_shape(rng, kind, diameter, ground_glass_style)
             center = _propose_center(rng, kind, candidate, lung_mask, lung_idx, spacing, vessel_sites)
             if center is None:
                 continue
