@@ -20,7 +20,7 @@ import numpy as np
 from _record import record
 from scipy import ndimage
 
-from nodulenet.followup.nodule_type import PHANTOM_KIND_TYPES, lidc_texture_type, nodule_composition
+from nodulenet.export.nodule_type import PHANTOM_KIND_TYPES, lidc_texture_type, nodule_composition
 from nodulenet.io.findings import NoduleMask
 
 

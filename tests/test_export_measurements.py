@@ -18,14 +18,8 @@ import math
 import numpy as np
 import pytest
 
-from nodulenet.export.measurements import (
-    equivalent_sphere_diameter,
-    findings_from_label_map,
-    longest_axial_diameter,
-    max_3d_extent,
-    measure_mask,
-    patient_side,
-)
+from nodulenet.export.diameters import equivalent_sphere_diameter, longest_axial_diameter, max_3d_extent
+from nodulenet.export.measurements import findings_from_label_map, measure_mask, patient_side
 from nodulenet.io.findings import NoduleMask
 from nodulenet.io.volume import Geometry, Volume
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from nodulenet.followup.nodule_type import (PHANTOM_KIND_TYPES, lidc_texture_type, mean_diameter,
+from nodulenet.export.nodule_type import (PHANTOM_KIND_TYPES, lidc_texture_type, mean_diameter,
                                             nodule_composition)
 from nodulenet.io.findings import NoduleMask
 
@@ -112,3 +112,20 @@ def test_lidc_nodules_agree_with_their_readers(lidc_0001_series, lidc_0002_serie
             seen.append((lidc_texture_type(texture), got))
     assert seen, "no rated nodule >= 6 mm in the two LIDC cases"
     assert all(a == b for a, b in seen), seen  # LIDC-IDRI-0001: solid (texture 4.75), -0002: ground glass (1.5)
+
+
+def test_every_finding_carries_its_type_into_nodules_json() -> None:
+    from nodulenet.export.measurements import finding_from_mask
+    from nodulenet.io.findings import NoduleFinding
+    from nodulenet.io.volume import Volume
+
+    hu = _scan()
+    nodule = _ball((40, 80, 80), (20.0, 20.0, 20.0), 6.0)
+    hu[nodule] = -600.0
+    hu[_ball((40, 80, 80), (20.0, 20.0, 20.0), 2.5)] = 30.0
+    volume = Volume(hu, SPACING, (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1), {})
+    f = finding_from_mask(1, 0.9, NoduleMask(nodule, (0, 0, 0)), volume)
+    assert f.nodule_type == "part_solid" and f.solid_component_mm == pytest.approx(5.0, abs=1.0)
+    back = NoduleFinding.from_dict(f.to_dict())
+    assert (back.nodule_type, back.mean_diameter_mm, back.solid_component_mm) == (
+        f.nodule_type, f.mean_diameter_mm, f.solid_component_mm)

@@ -31,21 +31,19 @@ index space scaled by ``spacing_zyx`` are distances in the patient):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import ndimage
-from scipy.spatial import ConvexHull, QhullError
 
+from nodulenet.export.diameters import equivalent_sphere_diameter, longest_axial_diameter, max_3d_extent
+from nodulenet.export.nodule_type import nodule_composition
 from nodulenet.io.findings import BONE_HU, NoduleFinding, NoduleMask, slice_reference
 from nodulenet.io.volume import Geometry, Volume
 
 # Body vs air for the midline: fat is about -100 HU, lung -900 to -500; -500 keeps lung out of the body.
 BODY_HU_THRESHOLD = -500.0
-# Pairwise distances between hull vertices are computed in blocks of this many rows (memory bound).
-_PAIR_BLOCK = 2048
 
 
 @dataclass(frozen=True)
@@ -62,72 +60,6 @@ class NoduleMeasurements:
     center_world_xyz_mm: tuple[float, float, float]
     box_zyx: tuple[int, int, int, int, int, int]
     mean_hu: float | None
-
-
-def equivalent_sphere_diameter(volume_mm3: float) -> float:
-    """Diameter (mm) of the sphere whose volume is ``volume_mm3``."""
-    return (6.0 * float(volume_mm3) / math.pi) ** (1.0 / 3.0)
-
-
-def _boundary(mask: np.ndarray) -> np.ndarray:
-    """Mask voxels with at least one face-neighbour outside the mask. Only these can carry corners of the
-    convex hull: a voxel extreme in some direction lacks the neighbour that would be further along it."""
-    inner = ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(mask.ndim, 1),
-                                   border_value=0)
-    return mask & ~inner
-
-
-def _corner_points(mask: np.ndarray, spacing: np.ndarray) -> np.ndarray:
-    """Unique corners (mm, in the mask's own index frame) of the voxel boxes of the mask's boundary voxels."""
-    idx = np.argwhere(_boundary(mask)).astype(np.float64)
-    ndim = mask.ndim
-    offsets = np.array(np.meshgrid(*[(-0.5, 0.5)] * ndim, indexing="ij")).reshape(ndim, -1).T
-    corners = (idx[:, None, :] + offsets[None, :, :]).reshape(-1, ndim)
-    return np.unique(corners, axis=0) * spacing
-
-
-def _farthest_pair(points: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
-    """Exact diameter of a point set and its two end points: the farthest pair of convex hull vertices."""
-    on_hull = points
-    if len(points) > points.shape[1] + 1:
-        try:
-            on_hull = points[ConvexHull(points).vertices]
-        except QhullError:  # a flat set (cannot happen for voxel corners, kept as a guard): use every point
-            on_hull = points
-    best, best_i, best_j = -1.0, 0, 0
-    for start in range(0, len(on_hull), _PAIR_BLOCK):
-        block = on_hull[start:start + _PAIR_BLOCK]
-        d2 = ((block[:, None, :] - on_hull[None, :, :]) ** 2).sum(axis=-1)
-        i, j = divmod(int(np.argmax(d2)), d2.shape[1])
-        if d2[i, j] > best:
-            best, best_i, best_j = float(d2[i, j]), start + i, j
-    return math.sqrt(best), on_hull[best_i], on_hull[best_j]
-
-
-def longest_axial_diameter(mask_zyx: np.ndarray, spacing_zyx: tuple[float, float, float]) -> tuple[
-        float, tuple[tuple[float, float, float], tuple[float, float, float]]]:
-    """Long-axis diameter (mm) of a ``(z, y, x)`` mask and its end points as fractional voxel coordinates of
-    the mask array (corners sit at +-0.5). Per slice, the exact diameter of the corner hull; the longest wins
-    (ties: the lowest slice)."""
-    if not mask_zyx.any():
-        raise ValueError("cannot measure an empty mask")
-    in_plane = np.asarray(spacing_zyx[1:], dtype=np.float64)
-    best_length, best_ends = -1.0, ((0.0, 0.0, 0.0), (0.0, 0.0, 0.0))
-    for z in np.flatnonzero(mask_zyx.any(axis=(1, 2))):
-        length, p_mm, q_mm = _farthest_pair(_corner_points(mask_zyx[z], in_plane))
-        if length > best_length:
-            p, q = p_mm / in_plane, q_mm / in_plane
-            best_length = length
-            best_ends = ((float(z), float(p[0]), float(p[1])), (float(z), float(q[0]), float(q[1])))
-    return best_length, best_ends
-
-
-def max_3d_extent(mask_zyx: np.ndarray, spacing_zyx: tuple[float, float, float]) -> float:
-    """Largest distance (mm) between two corners of the mask's voxel boxes (exact, via the 3D hull)."""
-    if not mask_zyx.any():
-        raise ValueError("cannot measure an empty mask")
-    corners = _corner_points(mask_zyx, np.asarray(spacing_zyx, dtype=np.float64))
-    return _farthest_pair(corners)[0]
 
 
 def measure_mask(mask: NoduleMask, geometry: Geometry, hu: Volume | np.ndarray | None = None) -> NoduleMeasurements:
@@ -227,6 +159,7 @@ def locate_finding(finding: NoduleFinding, hu: Volume, lungs: Volume | None = No
 def finding_from_mask(finding_id: int, score: float, mask: NoduleMask, hu: Volume) -> NoduleFinding:
     """A fully measured :class:`NoduleFinding` (mask kept, as a tight crop) from a mask on ``hu``'s grid."""
     m = measure_mask(mask, hu.geometry, hu)
+    composition = nodule_composition(mask, hu.array, hu.spacing_zyx)
     return NoduleFinding(
         id=finding_id,
         score=score,
@@ -243,6 +176,9 @@ def finding_from_mask(finding_id: int, score: float, mask: NoduleMask, hu: Volum
         long_axis_zyx=m.long_axis_zyx,
         mask=mask.tight(),
         centre_slice=slice_reference(hu.geometry, hu.meta, m.center_world_xyz_mm),
+        nodule_type=composition.nodule_type,
+        mean_diameter_mm=composition.mean_diameter_mm,
+        solid_component_mm=composition.solid_component_mm,
     )
 
 
@@ -271,23 +207,3 @@ def findings_from_label_map(labels: Volume, hu: Volume, scores: Mapping[int, flo
         mask = NoduleMask(crop, tuple(s.start for s in box))  # type: ignore[arg-type]
         findings.append(finding_from_mask(label, float(scores[label]), mask, hu))
     return findings
-
-
-def axial_short_axis(mask_zyx: np.ndarray, spacing_zyx: tuple[float, float, float],
-                     long_axis_zyx: tuple[tuple[float, float, float], tuple[float, float, float]]) -> float:
-    """Short-axis diameter (mm): the mask's width perpendicular to its long axis, on the long axis's slice.
-
-    ``long_axis_zyx`` are the end points :func:`longest_axial_diameter` returns (coordinates of ``mask_zyx``).
-    The width is the extent of the slice's voxel corners projected on the in-plane direction perpendicular to
-    the long axis, which is what calipers laid at right angles to the long axis read.
-    """
-    (z, py, px), (_, qy, qx) = long_axis_zyx
-    in_plane = np.asarray(spacing_zyx[1:], dtype=np.float64)
-    corners = _corner_points(mask_zyx[int(round(z))], in_plane)  # mm
-    along = (np.array([qy, qx]) - np.array([py, px])) * in_plane
-    norm = float(np.linalg.norm(along))
-    if norm == 0.0:
-        return 0.0
-    perpendicular = np.array([-along[1], along[0]]) / norm
-    projected = corners @ perpendicular
-    return float(projected.max() - projected.min())

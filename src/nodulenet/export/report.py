@@ -48,6 +48,13 @@ def _e(value: Any) -> str:
     return html.escape("" if value is None else str(value), quote=True)
 
 
+def _type_text(f: Any) -> str:
+    if f.nodule_type is None:
+        return "n/a"
+    text = f.nodule_type.replace("_", "-")
+    return f"{text}, solid {f.solid_component_mm:.1f} mm" if f.solid_component_mm is not None else text
+
+
 def _num(value: float | None, digits: int = 1) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
@@ -140,7 +147,7 @@ def render_report_html(findings: ScanFindings, hu: Volume, label_array: np.ndarr
             "<th>ID</th><th>Score</th><th>Long axis (mm)</th><th>Equivalent diameter (mm)</th>"
             "<th>Volume (mm&sup3;)</th><th>Mean HU</th><th class=\"text\">World centre x, y, z (mm, LPS)</th>"
             "<th class=\"text\">Voxel centre z, y, x</th><th class=\"text\">Where</th>"
-            "<th class=\"text\">Centre slice</th>",
+            "<th class=\"text\">Centre slice</th><th class=\"text\">Type</th><th>Mean diameter (mm)</th>",
             "</tr></thead>", "<tbody>",
         ]
         for f in ordered:
@@ -151,13 +158,15 @@ def render_report_html(findings: ScanFindings, hu: Volume, label_array: np.ndarr
                 f"<td class=\"text\">{_triplet(f.center_world_xyz_mm)}</td>"
                 f"<td class=\"text\">{_triplet(f.center_zyx)}</td>"
                 f"<td class=\"text\">{_where_cell(f)}</td>"
-                f"<td class=\"text\">{_slice_cell(f, n_slices)}</td></tr>"
+                f"<td class=\"text\">{_slice_cell(f, n_slices)}</td>"
+                f"<td class=\"text\">{_e(_type_text(f))}</td><td>{_num(f.mean_diameter_mm)}</td></tr>"
             )
         parts += ["</tbody>", "</table>",
                   "<p>Centre slice: the DICOM image number (InstanceNumber) and z position of the slice through "
                   "the centre, as a PACS shows them (for non-DICOM input, the slice counted from the first "
-                  "and its z). Long axis: longest in-plane diameter over the scan's slices, measured to the voxel "
-                  "edges. Where: the patient's side, from the body midline; findings whose centre is outside the "
+                  "and its z). Type: solid, part-solid (with its solid component's mean diameter) or ground glass, "
+                  "from the HU inside the mask. Long axis: longest in-plane diameter over the scan's slices, measured "
+                  "to the voxel edges; mean diameter: (long + short axis) / 2 as Lung-RADS measures. Where: the patient's side, from the body midline; findings whose centre is outside the "
                   "lungs or on bone are flagged.</p>"]
         for f in ordered:
             overview = base64.b64encode(overview_figure_png(hu, label_array, f)).decode("ascii")

@@ -2,7 +2,7 @@
 
 Stages (each a plain function; :mod:`nodulenet.commands.compare` wraps them as ``nodulenet compare``):
 
-- :mod:`.nodule_type`: solid / part-solid / ground-glass from the HU inside a nodule's mask, the solid
+- :mod:`nodulenet.export.nodule_type`: solid / part-solid / ground-glass from the HU inside a nodule's mask, the solid
   component's size, and the Lung-RADS mean diameter (long + short axis / 2);
 - :mod:`.registration`: SimpleITK rigid then affine registration of the prior onto the current scan,
   initialised and masked by the lung masks;

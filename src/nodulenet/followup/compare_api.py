@@ -9,7 +9,7 @@ map are read; the scan it names must still be there, since the comparison reads 
    StudyDate of both, or ``interval_days``; a missing date without it is refused);
 2. the lungs of both scans, the fields of view checked to overlap, and the prior registered onto the current
    (:mod:`.registration`);
-3. every finding typed and measured (:mod:`.nodule_type`), the prior's centres mapped into the current scan
+3. every finding typed and measured (:mod:`nodulenet.export.nodule_type`), the prior's centres mapped into the current scan
    and the nodules paired (:mod:`.matching`);
 4. per nodule: new / resolved / persistent, both sizes, the changes, the volume doubling time
    ``VDT = interval x ln 2 / ln(V_current / V_prior)`` (only for a nodule whose volume grew), Lung-RADS growth and
@@ -34,7 +34,7 @@ from nodulenet.errors import InputError, NoduleNetError
 from nodulenet.followup.lung_rads import (DECISION_AID, LungRadsInput, exam_category, lung_rads_growth,
                                           nodule_category)
 from nodulenet.followup.matching import match_nodules
-from nodulenet.followup.nodule_type import NoduleComposition, nodule_composition
+from nodulenet.export.nodule_type import NoduleComposition, nodule_composition
 from nodulenet.followup.registration import RegistrationError, register_scans
 from nodulenet.io.atomic import ensure_output_folder, write_json_atomic
 from nodulenet.io.findings import NoduleFinding, ScanFindings, find_results_json, read_findings_json

@@ -49,6 +49,9 @@ Added later (optional on reading, so older files still load):
   margin), ``"outside_lungs"`` (outside the dilated lung mask) or ``"bone"`` (bone density, mean HU >=
   :data:`BONE_HU`, outside the lungs proper: a rib, a vertebra). ``side`` stays the patient's side of the body
   midline; ``site`` says whether it is in a lung at all. ``null`` when it could not be decided.
+- ``nodule_type`` (:data:`NODULE_TYPES`: ``"solid"``, ``"part_solid"``, ``"ground_glass"``), ``mean_diameter_mm``
+  (Lung-RADS: (long + short axis) / 2, one decimal) and ``solid_component_mm`` (the solid part's mean diameter,
+  part-solid nodules only), read from the mask and the HU inside it (:mod:`nodulenet.export.nodule_type`).
 """
 
 from __future__ import annotations
@@ -71,6 +74,7 @@ from nodulenet.io.volume import Geometry
 SCHEMA = "nodulenet.nodules/1"
 SIDES = ("right", "left")
 SITES = ("lung", "outside_lungs", "bone")
+NODULE_TYPES = ("solid", "part_solid", "ground_glass")
 # Mean HU from which a finding outside the lungs proper is bone: cancellous bone is ~300-400 HU, cortical
 # >= 700; soft tissue and solid nodules are below ~100, so nothing soft reaches it.
 BONE_HU = 300.0
@@ -246,6 +250,9 @@ class NoduleFinding:
     mask: NoduleMask | None = field(default=None, repr=False, compare=False)
     centre_slice: SliceReference | None = None
     site: str | None = None
+    nodule_type: str | None = None
+    mean_diameter_mm: float | None = None
+    solid_component_mm: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.id, bool) or int(self.id) != self.id or int(self.id) < 1:
@@ -284,6 +291,12 @@ class NoduleFinding:
             object.__setattr__(self, "centre_slice", SliceReference.from_dict(self.centre_slice))
         if self.site is not None and self.site not in SITES:
             raise ValueError(f"finding {self.id}: site must be one of {SITES} or None, got {self.site!r}")
+        if self.nodule_type is not None and self.nodule_type not in NODULE_TYPES:
+            raise ValueError(f"finding {self.id}: nodule_type must be one of {NODULE_TYPES} or None, "
+                             f"got {self.nodule_type!r}")
+        for name in ("mean_diameter_mm", "solid_component_mm"):
+            object.__setattr__(self, name, _optional_float(getattr(self, name), f"finding {self.id}: {name}",
+                                                           minimum=0.0))
 
     @property
     def location_text(self) -> str:
@@ -314,6 +327,9 @@ class NoduleFinding:
             "long_axis_zyx": None if self.long_axis_zyx is None else [list(p) for p in self.long_axis_zyx],
             "centre_slice": None if self.centre_slice is None else self.centre_slice.to_dict(),
             "site": self.site,
+            "nodule_type": self.nodule_type,
+            "mean_diameter_mm": self.mean_diameter_mm,
+            "solid_component_mm": self.solid_component_mm,
         }
 
     @classmethod
@@ -335,6 +351,9 @@ class NoduleFinding:
             long_axis_zyx=d.get("long_axis_zyx"),
             centre_slice=None if d.get("centre_slice") is None else SliceReference.from_dict(d["centre_slice"]),
             site=d.get("site"),
+            nodule_type=d.get("nodule_type"),
+            mean_diameter_mm=d.get("mean_diameter_mm"),
+            solid_component_mm=d.get("solid_component_mm"),
         )
 
 

@@ -28,10 +28,9 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from nodulenet.export.measurements import axial_short_axis, equivalent_sphere_diameter, longest_axial_diameter
-from nodulenet.io.findings import NoduleMask
+from nodulenet.export.diameters import axial_short_axis, equivalent_sphere_diameter, longest_axial_diameter
+from nodulenet.io.findings import NODULE_TYPES, NoduleMask  # noqa: F401 - NODULE_TYPES re-exported
 
-NODULE_TYPES = ("solid", "part_solid", "ground_glass")
 SOLID_HU = -300.0
 GROUND_GLASS_HU = -750.0
 MIN_SOLID_COMPONENT_MM = 3.0
