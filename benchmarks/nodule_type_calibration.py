@@ -20,7 +20,7 @@ import numpy as np
 from _record import record
 from scipy import ndimage
 
-from nodulenet.export.nodule_type import PHANTOM_KIND_TYPES, lidc_texture_type, nodule_composition
+from nodulenet.export.nodule_type import PHANTOM_KIND_TYPES, lidc_texture_type, nodule_composition, phantom_type_pairs
 from nodulenet.io.findings import NoduleMask
 
 
@@ -32,19 +32,7 @@ def _table(pairs: list[tuple[str, str]]) -> dict:
 
 
 def phantoms_on_truth_masks(seeds: range) -> dict:
-    from nodulenet.preprocess.phantom import PhantomConfig, make_phantom
-
-    pairs = []
-    for seed in seeds:
-        ph = make_phantom(seed, PhantomConfig(n_nodules=5))
-        labels = ph.nodule_mask.array
-        boxes = ndimage.find_objects(labels)
-        for n in ph.nodules:
-            box = boxes[n.id - 1]
-            mask = NoduleMask(labels[box] == n.id, tuple(s.start for s in box))
-            pairs.append((PHANTOM_KIND_TYPES[n.kind], nodule_composition(mask, ph.image.array,
-                                                                         ph.image.spacing_zyx).nodule_type))
-    return _table(pairs)
+    return _table(phantom_type_pairs(seeds))
 
 
 def phantoms_on_model_masks(seeds: range, work: Path) -> dict:

@@ -114,3 +114,21 @@ def lidc_texture_type(texture: float) -> str:
     if not 1 <= texture <= 5 or math.isnan(texture):
         raise ValueError(f"LIDC texture ratings are 1..5, got {texture}")
     return "ground_glass" if texture < 2.5 else ("part_solid" if texture < 3.5 else "solid")
+
+
+def phantom_type_pairs(seeds: Any, n_nodules: int = 5) -> list[tuple[str, str]]:
+    """``(true type, our type)`` for every nodule of the phantoms ``seeds``, typed on the generator's own masks:
+    the calibration of this module (the phantom's kinds as :data:`PHANTOM_KIND_TYPES` names them)."""
+    from nodulenet.preprocess.phantom import PhantomConfig, make_phantom
+
+    pairs = []
+    for seed in seeds:
+        ph = make_phantom(int(seed), PhantomConfig(n_nodules=n_nodules))
+        labels = ph.nodule_mask.array
+        boxes = ndimage.find_objects(labels)
+        for n in ph.nodules:
+            box = boxes[n.id - 1]
+            mask = NoduleMask(labels[box] == n.id, tuple(s.start for s in box))  # type: ignore[arg-type]
+            got = nodule_composition(mask, ph.image.array, ph.image.spacing_zyx).nodule_type
+            pairs.append((PHANTOM_KIND_TYPES[n.kind], got))
+    return pairs
