@@ -1,17 +1,19 @@
 """Detections found on the preprocessed (1 mm, cropped) grid land on the right place of the ORIGINAL scan.
 
 The phantom has anisotropic voxels (2.5 mm slices, 1.25 mm in plane) and is stored flipped along world x and z
-(direction diag(-1, 1, -1)), so a mapping that ignored the direction, the spacing or the crop would miss.
+(direction diag(-1, 1, -1)), so a mapping that ignored the direction, the canonical re-orientation (the network
+sees it unflipped, :mod:`nodulenet.io.orientation`), the spacing or the crop would miss.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 
 from nodulenet.infer.mapping import box_to_original, integer_box, map_detection, mask_to_original
 from nodulenet.infer.prepare_input import prepare_input
-from nodulenet.io.volume import Geometry
+from nodulenet.io.volume import Geometry, Volume
 from nodulenet.preprocess.phantom import PhantomConfig, make_phantom
 from nodulenet.preprocess.resample import CaseTransform, resample_labels, resampled_geometry
 
@@ -25,9 +27,18 @@ FLIPPED_ANISOTROPIC = PhantomConfig(
 def case():
     phantom = make_phantom(0, FLIPPED_ANISOTROPIC)
     prepared = prepare_input(phantom.image)
-    # The nodules on the preprocessed grid, found independently of the code under test: SimpleITK
-    # nearest-neighbour resampling of the phantom's own instance mask, cropped like the image.
-    labels = resample_labels(phantom.nodule_mask, (1.0, 1.0, 1.0))[0].array[prepared.transform.crop_slices]
+    # The nodules on the preprocessed grid, found independently of the code under test: SimpleITK's DICOMOrient
+    # to the canonical LPS orientation and nearest-neighbour resampling of the phantom's own instance mask,
+    # cropped like the image.
+    mask = phantom.nodule_mask
+    image = sitk.GetImageFromArray(mask.array)
+    image.SetSpacing(mask.geometry.spacing_xyz)
+    image.SetOrigin(mask.origin_xyz_mm)
+    image.SetDirection(mask.direction)
+    lps = sitk.DICOMOrient(image, "LPS")
+    canonical = Volume(sitk.GetArrayFromImage(lps), tuple(reversed(lps.GetSpacing())), lps.GetOrigin(),
+                       lps.GetDirection())
+    labels = resample_labels(canonical, (1.0, 1.0, 1.0))[0].array[prepared.transform.crop_slices]
     return phantom, prepared, labels
 
 

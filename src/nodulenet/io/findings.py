@@ -293,6 +293,9 @@ class ScanFindings:
     timings: dict[str, float] = field(default_factory=dict)
     nodulenet_version: str = __version__
     created_utc: str = field(default_factory=utc_now_iso)
+    # How the scan was put into the network's canonical orientation (nodulenet.io.orientation: input_code, method
+    # "none" | "reindexed" | "resampled"); findings are on the scan's own grid either way. None: not recorded.
+    orientation: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         ids = sorted(f.id for f in self.findings)
@@ -325,6 +328,7 @@ class ScanFindings:
             "threshold": self.threshold,
             "findings": [f.to_dict() for f in sorted(self.findings, key=lambda f: f.id)],
             "timings": dict(self.timings),
+            **({} if self.orientation is None else {"orientation": dict(self.orientation)}),
         }
 
     @classmethod
@@ -353,6 +357,9 @@ class ScanFindings:
         timings = d.get("timings") or {}
         if not isinstance(timings, Mapping):
             raise ValueError("'timings' must be an object of numbers")
+        orientation = d.get("orientation")
+        if orientation is not None and not isinstance(orientation, Mapping):
+            raise ValueError("'orientation' must be an object")
         return cls(
             source=ScanSource.from_dict(d["source"]),
             geometry=geometry,
@@ -362,6 +369,7 @@ class ScanFindings:
             timings=dict(timings),
             nodulenet_version=str(d.get("nodulenet_version", "unknown")),
             created_utc=str(d.get("created_utc", "")),
+            orientation=None if orientation is None else dict(orientation),
         )
 
     def write_json(self, path: str | Path) -> Path:
