@@ -174,7 +174,10 @@ def predict_cmd(
     console.print(f"{done} of {len(run.results)} scan(s) done; summary: {run.summary_path}", highlight=False)
     if run.failed:
         console.print(f"[bold red]{len(run.failed)} scan(s) failed[/] (errors above and in {run.summary_path.name})")
-        raise typer.Exit(1)
+        # Nothing done and every failure the input's fault (a NoduleNetError keeps no traceback): exit 2, like any
+        # other bad input. A cohort with some scans done, or an unexpected crash, exits 1.
+        bad_input = len(run.failed) == len(run.results) and all(r.traceback is None for r in run.failed)
+        raise typer.Exit(2 if bad_input else 1)
 
 
 def demo_cmd(
