@@ -151,19 +151,20 @@ def _nodule_entry(n: NoduleAnnotation, geometry: Geometry, labels: np.ndarray | 
     return entry
 
 
-def resample_ct_hu(ct: Volume, config: PrepareConfig) -> tuple[Volume, Any]:
-    """Fill scanner padding, then resample the HU volume linearly to ``config.spacing_zyx_mm``.
+def fill_scanner_padding(ct: Volume, config: PrepareConfig) -> Volume:
+    """``ct`` with scanner padding (below ``config.padding_below_hu``: -2048, -3024 outside the field of view) set
+    to ``config.padding_fill_hu``, so that no interpolation (reorientation of an oblique scan, resampling) blends it
+    into the body edge. The same volume when there is none."""
+    padding = ct.array < config.padding_below_hu
+    if not padding.any():
+        return ct
+    return ct.with_array(np.where(padding, np.asarray(config.padding_fill_hu, dtype=ct.array.dtype), ct.array))
 
-    Shared by :func:`prepare_case` and predict's input preparation, so a new scan is resampled exactly as the
-    training cases were. Padding (-2048, -3024) outside the field of view would otherwise be interpolated
-    into the body edge.
-    """
-    array = ct.array
-    padding = array < config.padding_below_hu
-    if padding.any():
-        array = np.where(padding, np.asarray(config.padding_fill_hu, dtype=array.dtype), array)
-    del padding
-    return resample_volume(ct.with_array(array), config.spacing_zyx_mm, "linear")
+
+def resample_ct_hu(ct: Volume, config: PrepareConfig) -> tuple[Volume, Any]:
+    """Fill scanner padding (:func:`fill_scanner_padding`), then resample the HU volume linearly to
+    ``config.spacing_zyx_mm`` (``ct`` must be in canonical orientation: :func:`make_network_input` does both)."""
+    return resample_volume(fill_scanner_padding(ct, config), config.spacing_zyx_mm, "linear")
 
 
 @dataclass
@@ -194,11 +195,12 @@ def make_network_input(ct: Volume, config: PrepareConfig) -> NetworkInput:
         stages[name] = round(now - last, 3)
         last = now
 
-    canonical, orientation = canonical_orientation(ct)
+    # Padding first: an oblique scan is interpolated by its reorientation already.
+    canonical, orientation = canonical_orientation(fill_scanner_padding(ct, config))
     if not orientation.is_identity:
         logger.info("%s: %s", ct.meta.get("source_path", "scan"), orientation.describe())
     lap("orient")
-    hu, mapping = resample_ct_hu(canonical, config)
+    hu, mapping = resample_volume(canonical, config.spacing_zyx_mm, "linear")
     del canonical
     lap("resample")
     lung = segment_lungs(hu, config.lung)
