@@ -12,7 +12,6 @@ import SimpleITK as sitk
 
 from nodulenet.io.orientation import (
     AXIS_ALIGNED_TOL,
-    Reorientation,
     canonical_orientation,
     nearest_axes,
     orientation_code,

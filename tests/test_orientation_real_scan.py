@@ -23,10 +23,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from nodulenet.infer.cohort import CohortItem
 from nodulenet.io.findings import ScanFindings, read_findings_json
 from nodulenet.io.image_files import read_image
 from nodulenet.predict_api import PredictOptions, Predictor
-from nodulenet.infer.cohort import CohortItem
 
 THRESHOLD = 0.3  # below the default 0.5, so that more than one detection is compared
 CENTRE_TOLERANCE_MM = 1.5

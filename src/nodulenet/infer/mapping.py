@@ -21,9 +21,8 @@ onto the original grid; for an oblique scan it is resampled straight onto the bl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import itertools
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage

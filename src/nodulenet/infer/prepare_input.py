@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -48,12 +47,6 @@ class PreparedInput:
     transform: CaseTransform
     lung_volume_ml: float
     stage_seconds: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def orientation(self) -> dict[str, Any]:
-        """How the scan was put into canonical orientation (:meth:`Reorientation.summary`)."""
-        recorded = self.transform.orientation
-        return (recorded or Reorientation.of(self.transform.original)).summary()
 
 
 def _source(ct: Volume) -> Path | None:

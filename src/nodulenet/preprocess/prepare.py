@@ -161,12 +161,6 @@ def fill_scanner_padding(ct: Volume, config: PrepareConfig) -> Volume:
     return ct.with_array(np.where(padding, np.asarray(config.padding_fill_hu, dtype=ct.array.dtype), ct.array))
 
 
-def resample_ct_hu(ct: Volume, config: PrepareConfig) -> tuple[Volume, Any]:
-    """Fill scanner padding (:func:`fill_scanner_padding`), then resample the HU volume linearly to
-    ``config.spacing_zyx_mm`` (``ct`` must be in canonical orientation: :func:`make_network_input` does both)."""
-    return resample_volume(fill_scanner_padding(ct, config), config.spacing_zyx_mm, "linear")
-
-
 @dataclass
 class NetworkInput:
     """A scan as the network sees it: uint8 ``(z, y, x)`` on the prepared grid, the transform back to the scan,

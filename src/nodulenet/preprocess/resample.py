@@ -201,6 +201,11 @@ class CaseTransform:
         shape = tuple(b - a for a, b in zip(self.crop_start_zyx, self.crop_stop_zyx))
         return Geometry(shape, self.resampled.spacing_zyx, tuple(origin), self.resampled.direction)  # type: ignore[arg-type]
 
+    def orientation_summary(self) -> dict[str, Any]:
+        """How the scan was put into canonical orientation (:meth:`Reorientation.summary`; method "none" when it
+        already was)."""
+        return (self.orientation or Reorientation.of(self.original)).summary()
+
     def preprocessed_to_canonical_index(self, index_zyx: Any) -> np.ndarray:
         idx = np.asarray(index_zyx, dtype=np.float64) + np.asarray(self.crop_start_zyx, dtype=np.float64)
         return self.mapping.resampled_to_original_index(idx)
