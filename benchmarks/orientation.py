@@ -29,17 +29,9 @@ from nodulenet.io.orientation import canonical_orientation  # noqa: E402
 from nodulenet.io.volume import Volume  # noqa: E402
 from nodulenet.preprocess.config import PrepareConfig  # noqa: E402
 from nodulenet.preprocess.prepare import fill_scanner_padding  # noqa: E402
-from nodulenet.preprocess.resample import resample_volume  # noqa: E402
+from nodulenet.preprocess.resample import resample_volume, volume_to_sitk  # noqa: E402
 
 DATA = Path(os.environ.get("NODULENET_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-
-
-def _to_sitk(volume: Volume) -> sitk.Image:
-    image = sitk.GetImageFromArray(volume.array)
-    image.SetSpacing(volume.geometry.spacing_xyz)
-    image.SetOrigin(volume.origin_xyz_mm)
-    image.SetDirection(volume.direction)
-    return image
 
 
 def _from_sitk(image: sitk.Image) -> Volume:
@@ -75,7 +67,7 @@ def main() -> None:
     if len(found) != 1:
         raise SystemExit(f"LIDC-IDRI-0001: expected one series folder under {DATA / 'LIDC-IDRI'}, found {found}")
     dicom = read_dicom_series(found[0])
-    image = _to_sitk(dicom)
+    image = volume_to_sitk(dicom)
     config = PrepareConfig()
     stored = {"LPS (DICOM)": dicom, **{code: _from_sitk(sitk.DICOMOrient(image, code)) for code in ("RAS", "LAS",
                                                                                                     "PIL")},

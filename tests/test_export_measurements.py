@@ -206,15 +206,10 @@ def test_findings_from_label_map() -> None:
 def test_side_and_long_axis_of_a_file_stored_sagittal_are_those_of_the_axial_file() -> None:
     """A file whose slices are sagittal (PIL: the array's first axis is world x) is measured along the patient's
     axes: its side against the midline of the AXIAL slice, its long axis in the axial plane."""
-    import SimpleITK as sitk
+    from _stored_as import stored_as
 
     axial = _body_phantom((1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0), (10.0, 70.0))
-    image = sitk.GetImageFromArray(axial.array)
-    image.SetSpacing(axial.geometry.spacing_xyz)
-    image.SetOrigin(axial.origin_xyz_mm)
-    stored = sitk.DICOMOrient(image, "PIL")
-    sagittal = Volume(sitk.GetArrayFromImage(stored), tuple(reversed(stored.GetSpacing())), stored.GetOrigin(),
-                      stored.GetDirection())
+    sagittal = stored_as(axial, "PIL")
     assert sagittal.shape_zyx == (80, 4, 40)  # array axes: world x, z, y
     for world_x, expected in ((20.0, "right"), (60.0, "left")):
         centre = sagittal.geometry.world_to_voxel((world_x, -10.0, 2.0))
@@ -223,9 +218,7 @@ def test_side_and_long_axis_of_a_file_stored_sagittal_are_those_of_the_axial_fil
     disc = np.zeros(axial.shape_zyx, dtype=bool)
     disc[1, 10:14, 30:40] = True
     expected_mm = math.hypot(20.0, 8.0)
-    disc_image = sitk.GetImageFromArray(disc.astype(np.uint8))
-    disc_image.CopyInformation(image)
-    disc_sagittal = sitk.GetArrayFromImage(sitk.DICOMOrient(disc_image, "PIL")).astype(bool)
+    disc_sagittal = stored_as(axial.with_array(disc.astype(np.uint8)), "PIL").array.astype(bool)
     m_axial = measure_mask(NoduleMask(disc, (0, 0, 0)), axial.geometry)
     m_sagittal = measure_mask(NoduleMask(disc_sagittal, (0, 0, 0)), sagittal.geometry)
     assert m_axial.diameter_mm == pytest.approx(expected_mm, abs=1e-9)

@@ -10,12 +10,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from _stored_as import from_sitk, stored_as
 
 from nodulenet.infer.mapping import box_to_original, integer_box, map_detection, mask_to_original
 from nodulenet.infer.prepare_input import prepare_input
 from nodulenet.io.volume import Geometry, Volume
 from nodulenet.preprocess.phantom import PhantomConfig, make_phantom
-from nodulenet.preprocess.resample import CaseTransform, resample_labels, resampled_geometry
+from nodulenet.preprocess.resample import CaseTransform, resample_labels, resampled_geometry, volume_to_sitk
 
 FLIPPED_ANISOTROPIC = PhantomConfig(
     shape_yx=(160, 160), spacing_yx_mm=(1.25, 1.25), extent_z_mm=100.0, slice_thickness_range_mm=(2.5, 2.5),
@@ -30,14 +31,7 @@ def case():
     # The nodules on the preprocessed grid, found independently of the code under test: SimpleITK's DICOMOrient
     # to the canonical LPS orientation and nearest-neighbour resampling of the phantom's own instance mask,
     # cropped like the image.
-    mask = phantom.nodule_mask
-    image = sitk.GetImageFromArray(mask.array)
-    image.SetSpacing(mask.geometry.spacing_xyz)
-    image.SetOrigin(mask.origin_xyz_mm)
-    image.SetDirection(mask.direction)
-    lps = sitk.DICOMOrient(image, "LPS")
-    canonical = Volume(sitk.GetArrayFromImage(lps), tuple(reversed(lps.GetSpacing())), lps.GetOrigin(),
-                       lps.GetDirection())
+    canonical = stored_as(phantom.nodule_mask, "LPS")
     labels = resample_labels(canonical, (1.0, 1.0, 1.0))[0].array[prepared.transform.crop_slices]
     return phantom, prepared, labels
 
@@ -141,10 +135,7 @@ def test_an_oblique_scan_maps_boxes_and_masks_back_onto_its_own_rotated_grid():
     phantom = make_phantom(2, FLIPPED_ANISOTROPIC)
 
     def rotated(volume: Volume, interpolator: int, fill: float) -> Volume:
-        image = sitk.GetImageFromArray(volume.array)
-        image.SetSpacing(volume.geometry.spacing_xyz)
-        image.SetOrigin(volume.origin_xyz_mm)
-        image.SetDirection(volume.direction)
+        image = volume_to_sitk(volume)
         a = math.radians(25.0)
         turn = np.array([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0], [0.0, 0.0, 1.0]])
         direction = turn @ volume.geometry.direction_matrix
@@ -154,8 +145,7 @@ def test_an_oblique_scan_maps_boxes_and_masks_back_onto_its_own_rotated_grid():
         origin = centre - direction @ (spacing * (size - 1) / 2)
         out = sitk.Resample(image, image.GetSize(), sitk.Transform(), interpolator, origin.tolist(), spacing.tolist(),
                             direction.reshape(-1).tolist(), fill)
-        return Volume(sitk.GetArrayFromImage(out), tuple(reversed(out.GetSpacing())), out.GetOrigin(),
-                      out.GetDirection())
+        return from_sitk(out)
 
     ct = rotated(phantom.image, sitk.sitkLinear, -1000.0)
     truth_labels = rotated(phantom.nodule_mask, sitk.sitkNearestNeighbor, 0.0)
@@ -164,15 +154,8 @@ def test_an_oblique_scan_maps_boxes_and_masks_back_onto_its_own_rotated_grid():
     assert transform.orientation is not None and transform.orientation.resampled
     # The nodules on the preprocessed grid, independently: SimpleITK resampling of the rotated mask onto it.
     pre = transform.preprocessed
-    reference = sitk.GetImageFromArray(np.zeros(pre.shape_zyx, dtype=np.uint8))
-    reference.SetSpacing(pre.spacing_xyz)
-    reference.SetOrigin(pre.origin_xyz_mm)
-    reference.SetDirection(pre.direction)
-    labels_image = sitk.GetImageFromArray(truth_labels.array)
-    labels_image.SetSpacing(truth_labels.geometry.spacing_xyz)
-    labels_image.SetOrigin(truth_labels.origin_xyz_mm)
-    labels_image.SetDirection(truth_labels.direction)
-    labels = sitk.GetArrayFromImage(sitk.Resample(labels_image, reference, sitk.Transform(),
+    reference = volume_to_sitk(Volume.from_geometry(np.zeros(pre.shape_zyx, dtype=np.uint8), pre))
+    labels = sitk.GetArrayFromImage(sitk.Resample(volume_to_sitk(truth_labels), reference, sitk.Transform(),
                                                   sitk.sitkNearestNeighbor, 0))
     checked = 0
     for nodule in phantom.nodules:

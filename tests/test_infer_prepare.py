@@ -81,23 +81,13 @@ def test_a_scan_without_lungs_is_refused():
         prepare_input(_volume(water))
 
 
-def _stored_as(volume: Volume, code: str) -> Volume:
-    """The same voxels stored in another axis order/sign (SimpleITK's DICOMOrient: independent of the code tested)."""
-    import SimpleITK as sitk
-
-    image = sitk.GetImageFromArray(volume.array)
-    image.SetSpacing(volume.geometry.spacing_xyz)
-    image.SetOrigin(volume.origin_xyz_mm)
-    image.SetDirection(volume.direction)
-    out = sitk.DICOMOrient(image, code)
-    return Volume(sitk.GetArrayFromImage(out), tuple(reversed(out.GetSpacing())), out.GetOrigin(), out.GetDirection())
-
-
 def test_training_preparation_of_a_sagittal_file_is_the_axial_case(phantom, tmp_path):
     """prepare_case puts the scan AND its nodule mask into canonical orientation first: a model is never trained on
     another orientation, and the case it writes is the axial file's case, voxel for voxel."""
     config = PrepareConfig(overlay=False)
-    stored, stored_mask = _stored_as(phantom.image, "PIL"), _stored_as(phantom.nodule_mask, "PIL")
+    from _stored_as import stored_as
+
+    stored, stored_mask = stored_as(phantom.image, "PIL"), stored_as(phantom.nodule_mask, "PIL")
     assert stored.shape_zyx == (160, 50, 160)  # array axes: the patient's x, z, y
     prepare_case(phantom.image, tmp_path / "axial", config, nodule_mask=phantom.nodule_mask)
     prepare_case(stored, tmp_path / "sagittal", config, nodule_mask=stored_mask)

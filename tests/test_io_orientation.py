@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from _stored_as import stored_as
 
 from nodulenet.io.orientation import (
     AXIS_ALIGNED_TOL,
@@ -17,7 +18,7 @@ from nodulenet.io.orientation import (
     orientation_code,
 )
 from nodulenet.io.volume import Geometry, Volume
-from nodulenet.preprocess.resample import CaseTransform, resampled_geometry
+from nodulenet.preprocess.resample import CaseTransform, resampled_geometry, volume_to_sitk
 
 # Every code DICOMOrient accepts: one letter of each pair (L/R, P/A, S/I), in any order of the axes.
 PAIRS = ("LR", "PA", "SI")
@@ -31,22 +32,9 @@ def _canonical_volume() -> Volume:
     return Volume(array, (2.5, 0.7, 0.9), (-160.0, -170.5, -330.25))
 
 
-def _to_sitk(volume: Volume) -> sitk.Image:
-    image = sitk.GetImageFromArray(volume.array)
-    image.SetSpacing(volume.geometry.spacing_xyz)
-    image.SetOrigin(volume.origin_xyz_mm)
-    image.SetDirection(volume.direction)
-    return image
-
-
-def _from_sitk(image: sitk.Image) -> Volume:
-    return Volume(sitk.GetArrayFromImage(image), tuple(reversed(image.GetSpacing())), image.GetOrigin(),
-                  image.GetDirection())
-
-
 def test_all_48_codes_are_distinct_and_dicomorient_makes_them():
     assert len(set(ALL_CODES)) == 48
-    base = _to_sitk(_canonical_volume())
+    base = volume_to_sitk(_canonical_volume())
     for code in ALL_CODES:
         assert orientation_code(sitk.DICOMOrient(base, code).GetDirection()) == code
 
@@ -54,7 +42,7 @@ def test_all_48_codes_are_distinct_and_dicomorient_makes_them():
 @pytest.mark.parametrize("code", ALL_CODES)
 def test_every_axis_order_and_sign_comes_back_to_the_same_voxels_exactly(code):
     canonical_truth = _canonical_volume()
-    stored = _from_sitk(sitk.DICOMOrient(_to_sitk(canonical_truth), code))  # the same patient, stored as `code`
+    stored = stored_as(canonical_truth, code)  # the same patient, stored as `code`
     canonical, reorientation = canonical_orientation(stored)
     assert not reorientation.resampled
     assert reorientation.is_identity == (code == "LPS")
@@ -78,7 +66,7 @@ def test_every_axis_order_and_sign_comes_back_to_the_same_voxels_exactly(code):
 
 @pytest.mark.parametrize("code", ["RAS", "PIL", "SRA", "ILP"])
 def test_a_crop_maps_back_to_the_same_voxels_of_the_input(code):
-    stored = _from_sitk(sitk.DICOMOrient(_to_sitk(_canonical_volume()), code))
+    stored = stored_as(_canonical_volume(), code)
     canonical, reorientation = canonical_orientation(stored)
     offset, size = (1, 2, 3), (3, 2, 4)
     crop = canonical.array[tuple(slice(o, o + s) for o, s in zip(offset, size))]
@@ -143,14 +131,14 @@ def test_an_oblique_scan_is_resampled_onto_an_axis_aligned_grid_that_covers_it()
 
 def test_nearest_axes_of_a_sagittal_direction():
     # PIL: index i -> posterior (+y), j -> inferior (-z), k -> left (+x).
-    direction = sitk.DICOMOrient(_to_sitk(_canonical_volume()), "PIL").GetDirection()
+    direction = sitk.DICOMOrient(volume_to_sitk(_canonical_volume()), "PIL").GetDirection()
     axes, flips, deviation = nearest_axes(direction)
     # canonical z (superior) is input array axis 1 (j) reversed; canonical y is array axis 2 (i); x is axis 0 (k).
     assert axes == (1, 2, 0) and flips == (True, False, False) and deviation == 0.0
 
 
 def test_case_transform_with_an_orientation_maps_through_it_and_survives_json():
-    stored = _from_sitk(sitk.DICOMOrient(_to_sitk(_canonical_volume()), "PIL"))
+    stored = stored_as(_canonical_volume(), "PIL")
     canonical, reorientation = canonical_orientation(stored)
     resampled = resampled_geometry(canonical.geometry, (1.0, 1.0, 1.0))
     transform = CaseTransform(stored.geometry, resampled, (1, 0, 2), (8, 4, 6), orientation=reorientation)

@@ -47,13 +47,9 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def dicom_image(lidc_0001_series: Path) -> sitk.Image:
     from nodulenet.io.scan import read_scan
+    from nodulenet.preprocess.resample import volume_to_sitk
 
-    ct = read_scan(lidc_0001_series)
-    image = sitk.GetImageFromArray(ct.array)
-    image.SetSpacing(ct.geometry.spacing_xyz)
-    image.SetOrigin(ct.origin_xyz_mm)
-    image.SetDirection(ct.direction)
-    return image
+    return volume_to_sitk(read_scan(lidc_0001_series))
 
 
 def _predict(predictor: Predictor, scan: Path, work: Path, name: str) -> tuple[ScanFindings, sitk.Image]:
