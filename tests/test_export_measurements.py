@@ -195,3 +195,30 @@ def test_findings_from_label_map() -> None:
     with pytest.raises(ValueError, match="1..K"):
         labels[labels == 2] = 3
         findings_from_label_map(Volume.from_geometry(labels, geometry), hu_volume, {1: 0.9, 3: 0.4})
+
+
+def test_side_and_long_axis_of_a_file_stored_sagittal_are_those_of_the_axial_file() -> None:
+    """A file whose slices are sagittal (PIL: the array's first axis is world x) is measured along the patient's
+    axes: its side against the midline of the AXIAL slice, its long axis in the axial plane."""
+    from _stored_as import stored_as
+
+    axial = _body_phantom((1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0), (10.0, 70.0))
+    sagittal = stored_as(axial, "PIL")
+    assert sagittal.shape_zyx == (80, 4, 40)  # array axes: world x, z, y
+    for world_x, expected in ((20.0, "right"), (60.0, "left")):
+        centre = sagittal.geometry.world_to_voxel((world_x, -10.0, 2.0))
+        assert patient_side(tuple(centre), sagittal) == expected
+    # A disc in the axial plane (10 x 4 voxels of 2 mm: long axis = the 20 x 8 mm rectangle's diagonal), one slice.
+    disc = np.zeros(axial.shape_zyx, dtype=bool)
+    disc[1, 10:14, 30:40] = True
+    expected_mm = math.hypot(20.0, 8.0)
+    disc_sagittal = stored_as(axial.with_array(disc.astype(np.uint8)), "PIL").array.astype(bool)
+    m_axial = measure_mask(NoduleMask(disc, (0, 0, 0)), axial.geometry)
+    m_sagittal = measure_mask(NoduleMask(disc_sagittal, (0, 0, 0)), sagittal.geometry)
+    assert m_axial.diameter_mm == pytest.approx(expected_mm, abs=1e-9)
+    assert m_sagittal.diameter_mm == pytest.approx(expected_mm, abs=1e-9)  # not the 8 mm x 2 mm sagittal extent
+    # The long axis' end points are the same points in the patient.
+    ends_axial = sorted(map(tuple, np.round(axial.geometry.voxel_to_world(np.asarray(m_axial.long_axis_zyx)), 6)))
+    ends_sagittal = sorted(map(tuple, np.round(sagittal.geometry.voxel_to_world(np.asarray(m_sagittal.long_axis_zyx)),
+                                               6)))
+    np.testing.assert_allclose(ends_sagittal, ends_axial, atol=1e-9)

@@ -79,3 +79,28 @@ def test_a_scan_without_lungs_is_refused():
     water = np.where(body, 0, -1000).astype(np.int16)
     with pytest.raises(InputError, match="scan-under-test: no lungs found"):
         prepare_input(_volume(water))
+
+
+def test_training_preparation_of_a_sagittal_file_is_the_axial_case(phantom, tmp_path):
+    """prepare_case puts the scan AND its nodule mask into canonical orientation first: a model is never trained on
+    another orientation, and the case it writes is the axial file's case, voxel for voxel."""
+    config = PrepareConfig(overlay=False)
+    from _stored_as import stored_as
+
+    stored, stored_mask = stored_as(phantom.image, "PIL"), stored_as(phantom.nodule_mask, "PIL")
+    assert stored.shape_zyx == (160, 50, 160)  # array axes: the patient's x, z, y
+    prepare_case(phantom.image, tmp_path / "axial", config, nodule_mask=phantom.nodule_mask)
+    prepare_case(stored, tmp_path / "sagittal", config, nodule_mask=stored_mask)
+    for name in ("image.nrrd", "lung_mask.nrrd", "nodule_mask.nrrd"):
+        a, s = read_image(tmp_path / "axial" / name), read_image(tmp_path / "sagittal" / name)
+        assert np.array_equal(a.array, s.array), name
+        assert a.geometry.direction == pytest.approx(s.geometry.direction, abs=1e-12)
+        np.testing.assert_allclose(a.origin_xyz_mm, s.origin_xyz_mm, atol=1e-9)
+    assert read_image(tmp_path / "sagittal" / "nodule_mask.nrrd").array.any()
+    axial = json.loads((tmp_path / "axial" / "transform.json").read_text())
+    sagittal = json.loads((tmp_path / "sagittal" / "transform.json").read_text())
+    assert sagittal["original"]["shape_zyx"] == [160, 50, 160]
+    assert sagittal["orientation"]["method"] == "reindexed" and sagittal["orientation"]["input_code"] == "PIL"
+    # This phantom is stored with y reversed (flip_xyz): it is re-indexed too, to the same canonical grid.
+    assert axial["orientation"]["input_code"] == "LAS"
+    assert axial["preprocessed"] == sagittal["preprocessed"]

@@ -240,10 +240,11 @@ class Predictor:
             "network_budget_gib": None if budget is None else round(budget / 2**30, 3),
             "precision": net.precision,
             "preprocess_stage_seconds": prepared.stage_seconds,
+            "orientation": prepared.transform.orientation_summary(),
         }
         result = ScanFindings(source=ScanSource.from_volume_meta(ct.meta), geometry=ct.geometry, findings=findings,
                               model=self.model_info, threshold=opts.threshold, timings=stages,
-                              below_threshold=below)
+                              below_threshold=below, orientation=details["orientation"])
         return ScanPrediction(findings=result, stage_seconds=stages, details=details)
 
     @staticmethod

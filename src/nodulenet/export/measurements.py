@@ -9,8 +9,9 @@ index space scaled by ``spacing_zyx`` are distances in the patient):
 
 - ``volume_mm3`` = voxel count x voxel volume.
 - ``equivalent_diameter_mm`` = diameter of the sphere of that volume, ``(6 V / pi) ** (1/3)``.
-- ``diameter_mm`` (long axis, as a radiologist measures it): the longest distance within one slice of the
-  scan (the axial plane for axial CT), maximised over the slices: each voxel is the ``dy x dx`` rectangle it
+- ``diameter_mm`` (long axis, as a radiologist measures it): the longest distance within one axial slice
+  (for a file stored in another axis order, e.g. sagittal, the mask is viewed along its patient axes first; an
+  oblique file is viewed along its nearest axes), maximised over the slices: each voxel is the ``dy x dx`` rectangle it
   is displayed as, and the distance is taken between the CORNERS of those rectangles (the diameter of their
   convex hull, computed exactly from the hull's vertices). Corners, not voxel centres, because calipers are
   put on the visible edge of a nodule: a nodule three voxels wide is three voxels wide, not two. For a disk
@@ -40,6 +41,7 @@ from scipy import ndimage
 from nodulenet.export.diameters import equivalent_sphere_diameter, longest_axial_diameter, max_3d_extent
 from nodulenet.export.nodule_type import nodule_composition
 from nodulenet.io.findings import BONE_HU, NoduleFinding, NoduleMask, slice_reference
+from nodulenet.io.orientation import nearest_axes, reindex_array, reindex_index, unreindex_index
 from nodulenet.io.volume import Geometry, Volume
 
 # Body vs air for the midline: fat is about -100 HU, lung -900 to -500; -500 keeps lung out of the body.
@@ -75,8 +77,11 @@ def measure_mask(mask: NoduleMask, geometry: Geometry, hu: Volume | np.ndarray |
     volume = count * spacing[0] * spacing[1] * spacing[2]
     offset = np.asarray(tight.offset_zyx, dtype=np.float64)
     centroid = np.argwhere(voxels).mean(axis=0) + offset
-    diameter, ends = longest_axial_diameter(voxels, spacing)
-    ends_scan = tuple(tuple(float(v) for v in np.asarray(e) + offset) for e in ends)
+    # Long axis in the patient's axial plane whatever the file's axis order (a sagittal file's slices are not).
+    axes, flips, _ = nearest_axes(geometry.direction)
+    diameter, ends = longest_axial_diameter(reindex_array(voxels, axes, flips), tuple(spacing[a] for a in axes))
+    ends = unreindex_index(np.asarray(ends), voxels.shape, axes, flips)
+    ends_scan = tuple(tuple(float(v) for v in e + offset) for e in ends)
     mean_hu = None
     if hu is not None:
         hu_array = hu.array if isinstance(hu, Volume) else np.asarray(hu)
@@ -101,12 +106,17 @@ def measure_mask(mask: NoduleMask, geometry: Geometry, hu: Volume | np.ndarray |
 def patient_side(center_zyx: tuple[float, float, float], hu: Volume) -> str | None:
     """"right" or "left" (the patient's side) of a point, against the body midline of its slice (module doc).
     None when the slice holds no body voxels."""
-    z = int(np.clip(round(center_zyx[0]), 0, hu.shape_zyx[0] - 1))
-    body = hu.array[z] > BODY_HU_THRESHOLD
+    # The axial slice through the point, whatever the file's axis order (a view: no copy of the scan).
+    axes, flips, _ = nearest_axes(hu.direction)
+    axial = reindex_array(hu.array, axes, flips)
+    centre = reindex_index(center_zyx, hu.shape_zyx, axes, flips)
+    z = int(np.clip(round(float(centre[0])), 0, axial.shape[0] - 1))
+    body = axial[z] > BODY_HU_THRESHOLD
     if not body.any():
         return None
     rows, cols = np.nonzero(body)
-    midline_world = hu.geometry.voxel_to_world((float(z), float(rows.mean()), float(cols.mean())))
+    midline = unreindex_index((float(z), float(rows.mean()), float(cols.mean())), hu.shape_zyx, axes, flips)
+    midline_world = hu.geometry.voxel_to_world(midline)
     point_world = hu.geometry.voxel_to_world(center_zyx)
     # LPS: +x is the patient's left.
     return "left" if point_world[0] > midline_world[0] else "right"
@@ -159,7 +169,7 @@ def locate_finding(finding: NoduleFinding, hu: Volume, lungs: Volume | None = No
 def finding_from_mask(finding_id: int, score: float, mask: NoduleMask, hu: Volume) -> NoduleFinding:
     """A fully measured :class:`NoduleFinding` (mask kept, as a tight crop) from a mask on ``hu``'s grid."""
     m = measure_mask(mask, hu.geometry, hu)
-    composition = nodule_composition(mask, hu.array, hu.spacing_zyx)
+    composition = nodule_composition(mask, hu.array, hu.spacing_zyx, hu.direction)
     return NoduleFinding(
         id=finding_id,
         score=score,

@@ -30,6 +30,7 @@ from scipy import ndimage
 
 from nodulenet.export.diameters import axial_short_axis, equivalent_sphere_diameter, longest_axial_diameter
 from nodulenet.io.findings import NODULE_TYPES, NoduleMask  # noqa: F401 - NODULE_TYPES re-exported
+from nodulenet.io.orientation import nearest_axes, reindex_array
 
 SOLID_HU = -300.0
 GROUND_GLASS_HU = -750.0
@@ -72,13 +73,22 @@ def mean_diameter(mask_zyx: np.ndarray, spacing_zyx: tuple[float, float, float])
     return round(0.5 * (long_mm + short_mm), 1), float(long_mm), float(short_mm)
 
 
-def nodule_composition(mask: NoduleMask, hu: np.ndarray, spacing_zyx: tuple[float, float, float]) -> NoduleComposition:
-    """Type, mean diameter and solid component of the nodule ``mask`` on the scan ``hu`` (same grid)."""
+def nodule_composition(mask: NoduleMask, hu: np.ndarray, spacing_zyx: tuple[float, float, float],
+                       direction: Any = None) -> NoduleComposition:
+    """Type, mean diameter and solid component of the nodule ``mask`` on the scan ``hu`` (same grid).
+
+    ``direction`` (the scan's direction matrix) views a file stored in another axis order (sagittal, coronal,
+    flipped) along the patient's axes first, so "in-plane" and the diameters are axial as a reader measures them.
+    """
     tight = mask.tight()
     voxels = tight.array
     if not voxels.any():
         raise ValueError("cannot type an empty mask")
     values = np.asarray(hu)[tight.slices()].astype(np.float32)
+    if direction is not None:
+        axes, flips, _ = nearest_axes(direction)
+        voxels, values = reindex_array(voxels, axes, flips), reindex_array(values, axes, flips)
+        spacing_zyx = tuple(spacing_zyx[a] for a in axes)  # type: ignore[assignment]
     solid = voxels & (values > SOLID_HU)
     # In-plane rim only: through-plane, a thick slice's partial volume is part of what it shows.
     in_plane = np.zeros((3, 3, 3), dtype=bool)
@@ -129,6 +139,6 @@ def phantom_type_pairs(seeds: Any, n_nodules: int = 5) -> list[tuple[str, str]]:
         for n in ph.nodules:
             box = boxes[n.id - 1]
             mask = NoduleMask(labels[box] == n.id, tuple(s.start for s in box))  # type: ignore[arg-type]
-            got = nodule_composition(mask, ph.image.array, ph.image.spacing_zyx).nodule_type
+            got = nodule_composition(mask, ph.image.array, ph.image.spacing_zyx, ph.image.direction).nodule_type
             pairs.append((PHANTOM_KIND_TYPES[n.kind], got))
     return pairs

@@ -214,7 +214,8 @@ def _compose(tp: TimePoint) -> None:
     masked = [f for f in tp.findings.findings if f.mask is not None]
     if len(masked) != len(tp.findings.findings):
         raise InputError(tp.result_dir, "a finding has no mask in the label map: it cannot be measured")
-    tp.compositions = [nodule_composition(f.mask, tp.hu.array, tp.hu.spacing_zyx) for f in tp.findings.findings]
+    tp.compositions = [nodule_composition(f.mask, tp.hu.array, tp.hu.spacing_zyx, tp.hu.direction)
+                       for f in tp.findings.findings]
 
 
 def _lung_rads_input(current: NoduleComposition, encounter: str, prior: NoduleComposition | None = None,

@@ -1,8 +1,9 @@
 """The network input of one scan, made in memory exactly as training cases are prepared.
 
 Conventions (DESIGN.md): arrays ``(z, y, x)``; world ``(x, y, z)`` DICOM LPS mm. The result is the uint8 image
-of a prepared case (``image.nrrd`` of :func:`nodulenet.preprocess.prepare.prepare_case`: resampled to the
-config's spacing, HU window -> 0..255, padded with ``pad_value`` outside the dilated lungs, cropped to the lungs
+of a prepared case (``image.nrrd`` of :func:`nodulenet.preprocess.prepare.prepare_case`: put into canonical
+orientation (:mod:`nodulenet.io.orientation`: axial slices, LPS axis signs, whatever the file's axis order), resampled
+to the config's spacing, HU window -> 0..255, padded with ``pad_value`` outside the dilated lungs, cropped to the lungs
 plus a margin) and the :class:`CaseTransform` that maps its voxels back to the original scan.
 
 Both this and ``prepare_case`` (which also writes the case folder: masks, overlay, JSON) make the image with
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from nodulenet.errors import InputError
+from nodulenet.io.orientation import Reorientation
 from nodulenet.io.volume import Volume
 from nodulenet.preprocess.config import PrepareConfig
 from nodulenet.preprocess.lung_mask import LungSegmentationError
@@ -65,8 +67,10 @@ def check_ct_volume(ct: Volume) -> None:
     image_type = ct.meta.get("image_type")
     if image_type and any(str(t).upper() in ("LOCALIZER", "SCOUT") for t in image_type):
         raise InputError(where, "is a localizer/scout image, not a CT volume")
-    shape = ct.shape_zyx
-    extent = [(n - 1) * s for n, s in zip(shape, ct.spacing_zyx)]
+    # Sizes along the patient's axes, whatever the file's axis order: z is the axis the network takes as slices.
+    canonical = Reorientation.of(ct.geometry).canonical
+    shape = canonical.shape_zyx
+    extent = [(n - 1) * s for n, s in zip(shape, canonical.spacing_zyx)]
     if shape[0] < MIN_SLICES or extent[0] < MIN_EXTENT_Z_MM:
         raise InputError(
             where,
@@ -80,7 +84,7 @@ def check_ct_volume(ct: Volume) -> None:
             f"300-400 mm wide; at least {MIN_EXTENT_INPLANE_MM:.0f} mm are needed)",
         )
     # A strided sample is enough to tell HU from MR/PET intensities and costs nothing on a 100 M voxel scan.
-    sample = ct.array[:: max(1, shape[0] // 16), ::4, ::4]
+    sample = ct.array[:: max(1, ct.shape_zyx[0] // 16), ::4, ::4]
     air = float(np.mean(sample < AIR_HU))
     if air < MIN_AIR_FRACTION:
         raise InputError(
@@ -92,7 +96,7 @@ def check_ct_volume(ct: Volume) -> None:
 
 
 def prepare_input(ct: Volume, config: PrepareConfig | None = None) -> PreparedInput:
-    """Resample, segment the lungs, normalise and crop ``ct`` (HU) exactly as ``prepare_case`` does."""
+    """Reorient, resample, segment the lungs, normalise and crop ``ct`` (HU) exactly as ``prepare_case`` does."""
     config = config or PrepareConfig()
     check_ct_volume(ct)
     try:

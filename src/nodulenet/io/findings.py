@@ -438,6 +438,9 @@ class ScanFindings:
     # The best detections scoring BELOW the threshold (not findings: no mask, no label, no SEG segment), so a
     # reader sees what came closest; ids 1..M number this list only.
     below_threshold: list[NoduleFinding] = field(default_factory=list)
+    # How the scan was put into the network's canonical orientation (nodulenet.io.orientation: input_code, method
+    # "none" | "reindexed" | "resampled"); findings are on the scan's own grid either way. None: not recorded.
+    orientation: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         ids = sorted(f.id for f in self.findings)
@@ -483,6 +486,7 @@ class ScanFindings:
             "findings": [f.to_dict() for f in sorted(self.findings, key=lambda f: f.id)],
             "below_threshold": [f.to_dict() for f in sorted(self.below_threshold, key=lambda f: f.id)],
             "timings": dict(self.timings),
+            **({} if self.orientation is None else {"orientation": dict(self.orientation)}),
         }
 
     @classmethod
@@ -503,6 +507,9 @@ class ScanFindings:
         timings = d.get("timings") or {}
         if not isinstance(timings, Mapping):
             raise ValueError("'timings' must be an object of numbers")
+        orientation = d.get("orientation")
+        if orientation is not None and not isinstance(orientation, Mapping):
+            raise ValueError("'orientation' must be an object")
         return cls(
             source=ScanSource.from_dict(d["source"]),
             geometry=geometry,
@@ -513,6 +520,7 @@ class ScanFindings:
             nodulenet_version=str(d.get("nodulenet_version", "unknown")),
             created_utc=str(d.get("created_utc", "")),
             below_threshold=below,
+            orientation=None if orientation is None else dict(orientation),
         )
 
     def write_json(self, path: str | Path) -> Path:

@@ -191,6 +191,16 @@ def _check_nrrd(path: Path) -> None:
         raise _truncated(data_path, expected, available)
 
 
+# ITK refuses these headers with messages about its own objects ("Image(0x55...): Bad direction"); say what is
+# wrong with the file instead.
+_ITK_GEOMETRY_PROBLEMS = (
+    ("orthonormal direction cosines", "the direction matrix (NIfTI qform/sform) is singular or not orthonormal, so "
+                                      "the voxel axes have no valid orientation in the patient"),
+    ("determinant is 0", "the direction matrix is singular (determinant 0), so the voxel axes do not span 3D space"),
+    ("Zero-valued spacing", "a voxel axis has zero length (zero spacing or an all-zero direction vector)"),
+)
+
+
 def _itk_message(exc: RuntimeError) -> str:
     """The useful line of an ITK exception (drops 'Exception thrown in ... .cxx:NNN:' boilerplate)."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
@@ -235,7 +245,11 @@ def read_image(path: str | Path) -> Volume:
         image = _to_3d(sitk.ReadImage(str(path)), path)
         array = sitk.GetArrayFromImage(image)
     except RuntimeError as exc:
-        raise InputError(path, f"cannot read as {fmt}: {_itk_message(exc)}") from None
+        message = _itk_message(exc)
+        for marker, problem in _ITK_GEOMETRY_PROBLEMS:
+            if marker in message:
+                raise InputError(path, f"invalid geometry in header: {problem}") from None
+        raise InputError(path, f"cannot read as {fmt}: {message}") from None
     name = path.name[: -len(suffix)]
     meta: dict[str, Any] = {"source_path": str(path), "format": fmt, "name": name}
     if _UID_PATTERN.match(name):

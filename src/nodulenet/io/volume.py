@@ -51,9 +51,16 @@ class Geometry:
         direction = np.asarray(self.direction, dtype=np.float64).reshape(-1)
         if direction.shape != (9,):
             raise ValueError("direction must hold 9 numbers (a 3x3 matrix, row-major)")
-        det = np.linalg.det(direction.reshape(3, 3))
-        if not np.isfinite(det) or abs(abs(det) - 1.0) > 1e-3:
+        matrix = direction.reshape(3, 3)
+        det = np.linalg.det(matrix)
+        if not np.isfinite(det) or abs(det) < 1e-6:
+            raise ValueError(f"direction matrix is singular (det = {det:.4g}): its axes do not span 3D space")
+        if abs(abs(det) - 1.0) > 1e-3:
             raise ValueError(f"direction must be orthonormal (|det| = 1), got det = {det:.4f}")
+        # |det| = 1 alone lets a sheared matrix through, and world_to_voxel inverts by transposing.
+        if not np.allclose(matrix.T @ matrix, np.eye(3), atol=1e-3):
+            raise ValueError("direction must be orthonormal (unit axes at right angles), got a sheared matrix "
+                             f"{np.round(matrix, 4).tolist()}")
         object.__setattr__(self, "shape_zyx", shape)
         object.__setattr__(self, "spacing_zyx", spacing)
         object.__setattr__(self, "origin_xyz_mm", _as_triplet(self.origin_xyz_mm, "origin_xyz_mm"))

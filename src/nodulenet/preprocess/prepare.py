@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -43,6 +44,7 @@ import numpy as np
 import nodulenet
 from nodulenet.io.atomic import write_json_atomic
 from nodulenet.io.image_files import write_image
+from nodulenet.io.orientation import canonical_orientation
 from nodulenet.io.volume import Geometry, Volume
 from nodulenet.preprocess.config import CASE_FILES, DONE_FILE, PrepareConfig
 from nodulenet.preprocess.lung_mask import LungMaskResult, lung_bounding_box, segment_lungs
@@ -51,6 +53,8 @@ from nodulenet.preprocess.overlay import render_overlay
 from nodulenet.preprocess.resample import CaseTransform, resample_labels, resample_volume
 
 LUNG_LABEL_MARGIN = 3
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -147,19 +151,14 @@ def _nodule_entry(n: NoduleAnnotation, geometry: Geometry, labels: np.ndarray | 
     return entry
 
 
-def resample_ct_hu(ct: Volume, config: PrepareConfig) -> tuple[Volume, Any]:
-    """Fill scanner padding, then resample the HU volume linearly to ``config.spacing_zyx_mm``.
-
-    Shared by :func:`prepare_case` and predict's input preparation, so a new scan is resampled exactly as the
-    training cases were. Padding (-2048, -3024) outside the field of view would otherwise be interpolated
-    into the body edge.
-    """
-    array = ct.array
-    padding = array < config.padding_below_hu
-    if padding.any():
-        array = np.where(padding, np.asarray(config.padding_fill_hu, dtype=array.dtype), array)
-    del padding
-    return resample_volume(ct.with_array(array), config.spacing_zyx_mm, "linear")
+def fill_scanner_padding(ct: Volume, config: PrepareConfig) -> Volume:
+    """``ct`` with scanner padding (below ``config.padding_below_hu``: -2048, -3024 outside the field of view) set
+    to ``config.padding_fill_hu``, so that no interpolation (reorientation of an oblique scan, resampling) blends it
+    into the body edge. The same volume when there is none."""
+    padding = ct.array < config.padding_below_hu
+    if not padding.any():
+        return ct
+    return ct.with_array(np.where(padding, np.asarray(config.padding_fill_hu, dtype=ct.array.dtype), ct.array))
 
 
 @dataclass
@@ -174,8 +173,10 @@ class NetworkInput:
 
 
 def make_network_input(ct: Volume, config: PrepareConfig) -> NetworkInput:
-    """Resample ``ct`` (HU), segment the lungs, crop to them (undilated lungs + ``crop_margin_voxels``, as
-    published) and window to uint8 with everything outside the dilated lungs set to ``pad_value``.
+    """Put ``ct`` (HU) into canonical orientation (:func:`nodulenet.io.orientation.canonical_orientation`: axial
+    slices, LPS axis signs, as every training case), resample it, segment the lungs, crop to them (undilated lungs
+    + ``crop_margin_voxels``, as published) and window to uint8 with everything outside the dilated lungs set to
+    ``pad_value``. The transform maps back to ``ct``'s own grid.
 
     Raises :class:`~nodulenet.preprocess.lung_mask.LungSegmentationError` when no lung is found.
     """
@@ -188,12 +189,19 @@ def make_network_input(ct: Volume, config: PrepareConfig) -> NetworkInput:
         stages[name] = round(now - last, 3)
         last = now
 
-    hu, mapping = resample_ct_hu(ct, config)
+    # Padding first: an oblique scan is interpolated by its reorientation already.
+    canonical, orientation = canonical_orientation(fill_scanner_padding(ct, config))
+    if not orientation.is_identity:
+        logger.info("%s: %s", ct.meta.get("source_path", "scan"), orientation.describe())
+    lap("orient")
+    hu, mapping = resample_volume(canonical, config.spacing_zyx_mm, "linear")
+    del canonical
     lap("resample")
     lung = segment_lungs(hu, config.lung)
     lap("lung_mask")
     box = lung_bounding_box(lung.lungs > 0, config.crop_margin_voxels)
-    transform = CaseTransform(mapping.original, mapping.resampled, box[:3], box[3:])
+    transform = CaseTransform(ct.geometry, mapping.resampled, box[:3], box[3:],
+                              orientation=None if orientation.is_identity else orientation)
     crop = transform.crop_slices
     image = hu_to_uint8(hu.array[crop], config.hu_min, config.hu_max)
     del hu
@@ -245,6 +253,8 @@ def prepare_case(
     if nodule_mask is not None:
         if nodule_mask.shape_zyx != ct.shape_zyx:
             raise ValueError(f"nodule mask {nodule_mask.shape_zyx} is not on the scan grid {ct.shape_zyx}")
+        if transform.orientation is not None:  # the same reorientation as the image (nearest for an oblique scan)
+            nodule_mask = transform.orientation.to_canonical(nodule_mask, interpolation="nearest", fill_value=0)
         nodule_labels = resample_labels(nodule_mask, config.spacing_zyx_mm)[0].array[crop]
     else:
         nodule_labels = _sphere_labels(geometry, nodules)

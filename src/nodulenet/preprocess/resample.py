@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from nodulenet.io.orientation import Reorientation
 from nodulenet.io.volume import Geometry, Volume
 
 if TYPE_CHECKING:
@@ -144,13 +145,16 @@ def resample_labels(labels: Volume, spacing_zyx: tuple[float, float, float]) -> 
 
 @dataclass(frozen=True)
 class CaseTransform:
-    """Where a prepared case's voxels come from: resampling of the original scan, then a crop.
+    """Where a prepared case's voxels come from: canonical orientation of the original scan, resampling, a crop.
 
-    ``crop_start_zyx``/``crop_stop_zyx`` are in resampled voxels (stop exclusive). For a preprocessed
-    index ``p`` (z, y, x)::
+    ``original`` is the scan's own grid as read. ``orientation`` (None when the scan was canonical already, the
+    usual axial DICOM) is the :class:`~nodulenet.io.orientation.Reorientation` onto the ``canonical`` grid; the
+    ``resampled`` grid shares the canonical grid's origin and direction. ``crop_start_zyx``/``crop_stop_zyx`` are
+    in resampled voxels (stop exclusive). For a preprocessed index ``p`` (z, y, x)::
 
         resampled_index = p + crop_start_zyx
-        original_index  = (p + crop_start_zyx) * scale_zyx          (scale = resampled / original spacing)
+        canonical_index = (p + crop_start_zyx) * scale_zyx          (scale = resampled / canonical spacing)
+        original_index  = orientation.canonical_to_input_index(canonical_index)   (= canonical_index if None)
         world_xyz_mm    = preprocessed.voxel_to_world(p)           (= original.voxel_to_world(original_index))
 
     ``preprocessed`` is the geometry stored in the case's NRRD headers.
@@ -160,18 +164,27 @@ class CaseTransform:
     resampled: Geometry
     crop_start_zyx: tuple[int, int, int]
     crop_stop_zyx: tuple[int, int, int]
+    orientation: Reorientation | None = None
 
     def __post_init__(self) -> None:
         start = tuple(int(v) for v in self.crop_start_zyx)
         stop = tuple(int(v) for v in self.crop_stop_zyx)
         if any(not 0 <= a < b <= n for a, b, n in zip(start, stop, self.resampled.shape_zyx)):
             raise ValueError(f"crop {start}..{stop} does not fit the resampled grid {self.resampled.shape_zyx}")
+        if self.orientation is not None and self.orientation.input.shape_zyx != self.original.shape_zyx:
+            raise ValueError(f"orientation input grid {self.orientation.input.shape_zyx} is not the original grid "
+                             f"{self.original.shape_zyx}")
         object.__setattr__(self, "crop_start_zyx", start)
         object.__setattr__(self, "crop_stop_zyx", stop)
 
     @property
+    def canonical(self) -> Geometry:
+        """The grid that was resampled: the original scan in canonical orientation."""
+        return self.original if self.orientation is None else self.orientation.canonical
+
+    @property
     def mapping(self) -> ResampleMapping:
-        return ResampleMapping(self.original, self.resampled)
+        return ResampleMapping(self.canonical, self.resampled)
 
     @property
     def scale_zyx(self) -> tuple[float, float, float]:
@@ -188,11 +201,22 @@ class CaseTransform:
         shape = tuple(b - a for a, b in zip(self.crop_start_zyx, self.crop_stop_zyx))
         return Geometry(shape, self.resampled.spacing_zyx, tuple(origin), self.resampled.direction)  # type: ignore[arg-type]
 
-    def preprocessed_to_original_index(self, index_zyx: Any) -> np.ndarray:
+    def orientation_summary(self) -> dict[str, Any]:
+        """How the scan was put into canonical orientation (:meth:`Reorientation.summary`; method "none" when it
+        already was)."""
+        return (self.orientation or Reorientation.of(self.original)).summary()
+
+    def preprocessed_to_canonical_index(self, index_zyx: Any) -> np.ndarray:
         idx = np.asarray(index_zyx, dtype=np.float64) + np.asarray(self.crop_start_zyx, dtype=np.float64)
         return self.mapping.resampled_to_original_index(idx)
 
+    def preprocessed_to_original_index(self, index_zyx: Any) -> np.ndarray:
+        canonical = self.preprocessed_to_canonical_index(index_zyx)
+        return canonical if self.orientation is None else self.orientation.canonical_to_input_index(canonical)
+
     def original_to_preprocessed_index(self, index_zyx: Any) -> np.ndarray:
+        if self.orientation is not None:
+            index_zyx = self.orientation.input_to_canonical_index(index_zyx)
         resampled = self.mapping.original_to_resampled_index(index_zyx)
         return resampled - np.asarray(self.crop_start_zyx, dtype=np.float64)
 
@@ -214,10 +238,18 @@ class CaseTransform:
             "crop_start_zyx": list(self.crop_start_zyx),
             "crop_stop_zyx": list(self.crop_stop_zyx),
             "scale_zyx": list(self.scale_zyx),
+            **({} if self.orientation is None else {"orientation": self.orientation.to_dict()}),
             "formulas": {
                 "preprocessed_to_resampled_index": "resampled_index_zyx = preprocessed_index_zyx + crop_start_zyx",
                 "preprocessed_to_original_index": (
                     "original_index_zyx = (preprocessed_index_zyx + crop_start_zyx) * scale_zyx"
+                    if self.orientation is None else
+                    "canonical_index_zyx = (preprocessed_index_zyx + crop_start_zyx) * scale_zyx; original_index_zyx "
+                    "[axes[a]] = canonical_index_zyx[a], or original shape_zyx[axes[a]] - 1 - canonical_index_zyx[a] "
+                    "where flips[a] (axes, flips from 'orientation')"
+                    if not self.orientation.resampled else
+                    "canonical_index_zyx = (preprocessed_index_zyx + crop_start_zyx) * scale_zyx; original_index_zyx "
+                    "= original.world_to_voxel(orientation.canonical.voxel_to_world(canonical_index_zyx))"
                 ),
                 "index_to_world": (
                     "world_xyz_mm = origin_xyz_mm + D @ (spacing_xyz * index_xyz), D = direction as 3x3 row-major, "
@@ -233,4 +265,5 @@ class CaseTransform:
             resampled=Geometry.from_dict(d["resampled"]),
             crop_start_zyx=tuple(d["crop_start_zyx"]),  # type: ignore[arg-type]
             crop_stop_zyx=tuple(d["crop_stop_zyx"]),  # type: ignore[arg-type]
+            orientation=Reorientation.from_dict(d["orientation"]) if d.get("orientation") else None,
         )
