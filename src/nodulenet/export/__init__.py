@@ -8,7 +8,7 @@ highdicom, matplotlib) load when a name is first used.
 
 from __future__ import annotations
 
-from typing import Any
+from nodulenet.lazy import lazy_getattr
 
 _LAZY = {
     "export_all": "nodulenet.export.api",
@@ -30,9 +30,4 @@ _LAZY = {
 __all__ = list(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'nodulenet.export' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)

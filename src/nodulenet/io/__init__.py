@@ -5,9 +5,8 @@ Importing ``nodulenet.io`` is cheap: the readers (pydicom, SimpleITK) load when 
 
 from __future__ import annotations
 
-from typing import Any
-
 from nodulenet.io.volume import Geometry, Volume
+from nodulenet.lazy import lazy_getattr
 
 _LAZY = {
     "read_scan": "nodulenet.io.scan",
@@ -23,9 +22,4 @@ _LAZY = {
 __all__ = ["Geometry", "Volume", *_LAZY]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'nodulenet.io' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)
