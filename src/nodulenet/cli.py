@@ -246,6 +246,10 @@ def _register_stage_commands() -> None:
 
     app.command("viewer")(viewer_cmd)
 
+    from nodulenet.benchmark.cli import benchmark_app
+
+    app.add_typer(benchmark_app, name="benchmark")
+
 
 _register_stage_commands()
 
