@@ -146,10 +146,10 @@ class CandidateOutput:
     pass_seconds: list[float] = field(default_factory=list)
 
 
-def detect_candidates(models: Sequence[Any], image_u8: np.ndarray, *, tta: str = "none", merge: str = "wbf",
-                      merge_iou: float = DEFAULT_MERGE_IOU, device: str = "cpu", precision: str = "fp32",
-                      memory_budget_bytes: float | None = None, channels_last: bool = False) -> CandidateOutput:
-    """Every detection of each model on each TTA flip of the preprocessed image (no mask head), merged."""
+def run_passes(models: Sequence[Any], image_u8: np.ndarray, *, tta: str = "none", device: str = "cpu",
+               precision: str = "fp32", memory_budget_bytes: float | None = None, channels_last: bool = False
+               ) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[float]]:
+    """``(boxes, scores)`` of every model on every TTA flip (boxes flipped back), and each pass's seconds."""
     import time
 
     from nodulenet.infer.network import run_network
@@ -166,6 +166,15 @@ def detect_candidates(models: Sequence[Any], image_u8: np.ndarray, *, tta: str =
                               channels_last=channels_last)
             passes.append((unflip_boxes(out.boxes, axes, shape), out.scores))
             seconds.append(round(time.perf_counter() - t0, 3))
+    return passes, seconds
+
+
+def detect_candidates(models: Sequence[Any], image_u8: np.ndarray, *, tta: str = "none", merge: str = "wbf",
+                      merge_iou: float = DEFAULT_MERGE_IOU, device: str = "cpu", precision: str = "fp32",
+                      memory_budget_bytes: float | None = None, channels_last: bool = False) -> CandidateOutput:
+    """Every detection of each model on each TTA flip of the preprocessed image (no mask head), merged."""
+    passes, seconds = run_passes(models, image_u8, tta=tta, device=device, precision=precision,
+                                 memory_budget_bytes=memory_budget_bytes, channels_last=channels_last)
     boxes, scores = merge_passes(passes, merge, merge_iou)
     return CandidateOutput(boxes=boxes, scores=scores, n_passes=len(passes),
                            n_before_merge=sum(len(s) for _, s in passes), pass_seconds=seconds)
