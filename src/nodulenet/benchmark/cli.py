@@ -61,3 +61,35 @@ def luna16_cmd(
     overall = result.results["overall"]
     typer.echo(f"CPM {overall['cpm']:.4f} over {overall['n_scans']} scans, {overall['n_nodules']} nodules; "
                f"results in {out / 'results.json'}")
+
+
+@benchmark_app.command("lidc")
+def lidc_cmd(
+    data_root: Path = typer.Argument(..., help="LIDC-IDRI download in TCIA layout (patient/study/series folders "
+                                               "with the readers' XML)."),
+    out: Path = typer.Option(..., "-o", "--out", help="Folder for everything: prepared cases, folds, results."),
+    folds: int = typer.Option(6, "--folds", help="Folds by patient (the paper: 6)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the patient shuffle of the folds."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Training config YAML/JSON (default: published)."),
+    set_: list[str] = typer.Option([], "--set", help=_SET_HELP),
+    prepare_config: Optional[Path] = typer.Option(None, "--prepare-config", help="Preparation settings YAML/JSON."),
+    gpus: int = typer.Option(0, "--gpus", help="GPUs: 0 = CPU, 1 = one GPU, N > 1 = DDP training via torchrun."),
+    workers: int = typer.Option(1, "--workers", help="Series prepared in parallel."),
+    threshold: float = typer.Option(0.5, "--threshold", help="Detections scoring at least this get a mask."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads of the prediction."),
+    resume: bool = typer.Option(False, "--resume", help="Continue a killed run in OUT without redoing finished work."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars (the log still goes to "
+                                                                  "OUT/benchmark.log)."),
+) -> None:
+    """LIDC-IDRI cross-validation by patient with the paper's Table 2 protocol: per-nodule Dice and IoU (mean +- sd)
+    against nodules of >= 3 and >= 4 readers, missed nodules as 0 and left out. Writes OUT/results.json and .md."""
+    from nodulenet.benchmark.lidc_api import benchmark_lidc
+
+    result = benchmark_lidc(data_root, out, train_config=_train_config(config, set_), folds=folds, seed=seed,
+                            prepare_config=_prepare_config(prepare_config), gpus=gpus, workers=workers,
+                            threshold=threshold, threads=threads, resume=resume, show_progress=not no_progress)
+    for level, entry in result.results["segmentation"].items():
+        dice = entry["missed_as_zero"]["dice"]
+        mean = "-" if dice["mean"] is None else f"{dice['mean']:.4f} +- {dice['sd']:.4f}"
+        typer.echo(f"{level}: {entry['n_nodules']} nodules, {entry['n_missed']} missed, Dice (missed as 0) {mean}")
+    typer.echo(f"results in {out / 'results.json'}")
