@@ -85,6 +85,7 @@ def main() -> None:
     parser.add_argument("--first-seed", type=int, default=5000)
     parser.add_argument("--steps", type=int, default=150, help="training steps per fold")
     parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (1e-3 wrecked the demo RPN)")
     parser.add_argument("--init-backbone", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--name", default="benchmark_ablation")
     args = parser.parse_args()
@@ -109,7 +110,7 @@ def main() -> None:
         t_variant = time.perf_counter()
         train = {
             "model": "tiny", "model_config": {"rcnn_feature_map": feature_map}, "epochs": 1,
-            "batch_size": args.batch_size, "optimizer": "adamw", "lr": 1e-3, "warmup_steps": 10,
+            "batch_size": args.batch_size, "optimizer": "adamw", "lr": args.lr, "warmup_steps": 10,
             "rcnn_start_fraction": 0.0, "mask_start_fraction": 1.0,  # the mask head plays no part in the FROC
             "workers": 0, "threads": 1, "val_every_epochs": 0, "log_every_steps": 10, "checkpoint_every_steps": 25,
             "amp": "off", "seed": 0,
@@ -143,7 +144,7 @@ def main() -> None:
         print(f"{key}: CPM {froc.cpm:.3f}", flush=True)
     print(json.dumps({k: round(v["cpm"], 4) for k, v in results.items()}, indent=1))
     record(args.name, {"n_phantoms": args.n, "folds": args.folds, "steps_per_fold": args.steps,
-                       "batch_size": args.batch_size, "init_backbone_from_demo": args.init_backbone,
+                       "batch_size": args.batch_size, "lr": args.lr, "init_backbone_from_demo": args.init_backbone,
                        "seeds": [seeds[0], seeds[-1]], "results": results, "seconds": seconds})
 
 
