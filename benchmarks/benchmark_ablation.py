@@ -27,7 +27,7 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _record import record  # noqa: E402
+from _record import record
 
 VARIANTS = {"b_rcnn_on_comb2": "comb2", "c_decoupled_rcnn_on_out2": "out2"}
 
@@ -37,7 +37,11 @@ def _init_checkpoint(path: Path, feature_map: str, seed: int) -> Path:
     import torch
 
     from nodulenet.infer.weights import shipped_weights_path
-    from nodulenet.model import NoduleNet, model_from_checkpoint_dict, to_checkpoint_dict
+    from nodulenet.model import (
+        NoduleNet,
+        model_from_checkpoint_dict,
+        to_checkpoint_dict,
+    )
     from nodulenet.train.checkpoint_files import load_checkpoint, save_checkpoint
 
     demo = model_from_checkpoint_dict(load_checkpoint(shipped_weights_path()))

@@ -25,7 +25,7 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _record import record  # noqa: E402
+from _record import record
 
 FLIP_PASSES = 4  # tta_flips("flips"): the image and its three single-axis mirrors
 

@@ -12,7 +12,13 @@ import torch
 from typer.testing import CliRunner
 
 from nodulenet.cli import app
-from nodulenet.infer.candidates import merge_passes, nms_merge, tta_flips, unflip_boxes, weighted_box_fusion
+from nodulenet.infer.candidates import (
+    merge_passes,
+    nms_merge,
+    tta_flips,
+    unflip_boxes,
+    weighted_box_fusion,
+)
 from nodulenet.infer.weights import shipped_weights_path
 
 PASS_A = (np.array([[0, 0, 0, 10, 10, 10]], float), np.array([0.9]))
@@ -122,7 +128,7 @@ def test_an_ensemble_of_one_model_twice_equals_the_model(phantom_scan: Path, tmp
              "--merge", merge)
     one = (tmp_path / "one" / "scan" / "candidates.csv").read_text().splitlines()[1:]
     two = (tmp_path / "two" / "scan" / "candidates.csv").read_text().splitlines()[1:]
-    parse = lambda lines: np.array([[float(v) for v in line.split(",")[1:]] for line in lines])  # noqa: E731
+    parse = lambda lines: np.array([[float(v) for v in line.split(",")[1:]] for line in lines])
     # Identical passes fuse into the same boxes with the same mean score (WBF) or keep the first (NMS).
     assert parse(one).shape == parse(two).shape
     assert np.allclose(parse(one), parse(two), atol=1e-9)

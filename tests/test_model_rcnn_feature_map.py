@@ -19,7 +19,7 @@ def test_comb2_rcnn_crops_the_decoder_map_and_trains() -> None:
     c_out2, c_comb2 = base.backbone_channels[2], base.backbone_channels[6]
     assert c_out2 != c_comb2
     # The first RCNN layer's input width is the chosen map's channels x crop^3.
-    first = lambda m: next(p for n, p in m.rcnn_head.named_parameters() if n.endswith("weight"))  # noqa: E731
+    first = lambda m: next(p for n, p in m.rcnn_head.named_parameters() if n.endswith("weight"))
     assert first(coupled).shape[1] == c_comb2 * base.rcnn_crop_size ** 3
     assert first(decoupled).shape[1] == c_out2 * base.rcnn_crop_size ** 3
     images = torch.randn(1, 1, 32, 32, 32)

@@ -4,7 +4,7 @@ heavy imports inside the commands)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -15,13 +15,13 @@ benchmark_app = typer.Typer(help="Cross-validated benchmarks: from a LUNA16 / LI
 _SET_HELP = "Override a training setting, e.g. --set epochs=100 --set batch_size=8 (repeatable)."
 
 
-def _train_config(config: Optional[Path], set_: list[str]) -> Any:
+def _train_config(config: Path | None, set_: list[str]) -> Any:
     from nodulenet.train.config import load_train_config, parse_override
 
     return load_train_config(config, dict(parse_override(pair) for pair in set_))
 
 
-def _prepare_config(prepare_config: Optional[Path]) -> Any:
+def _prepare_config(prepare_config: Path | None) -> Any:
     from nodulenet.preprocess.config import load_prepare_config
 
     return load_prepare_config(prepare_config)
@@ -33,19 +33,19 @@ def luna16_cmd(
                                                "annotations_excluded.csv, seriesuids.csv."),
     out: Path = typer.Option(..., "-o", "--out", help="Folder for everything: prepared cases, folds, results."),
     folds: int = typer.Option(10, "--folds", help="Number of folds = subsets subset0..subset<folds-1>."),
-    config: Optional[Path] = typer.Option(None, "--config", help="Training config YAML/JSON (default: published)."),
+    config: Path | None = typer.Option(None, "--config", help="Training config YAML/JSON (default: published)."),
     set_: list[str] = typer.Option([], "--set", help=_SET_HELP),
-    prepare_config: Optional[Path] = typer.Option(None, "--prepare-config", help="Preparation settings YAML/JSON."),
+    prepare_config: Path | None = typer.Option(None, "--prepare-config", help="Preparation settings YAML/JSON."),
     gpus: int = typer.Option(0, "--gpus", help="GPUs: 0 = CPU, 1 = one GPU, N > 1 = DDP training via torchrun."),
     workers: int = typer.Option(1, "--workers", help="Scans prepared in parallel."),
     tta: str = typer.Option("none", "--tta", help="Test-time augmentation of the held-out prediction: none, flips, "
                                                   "flips8."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads of the prediction."),
+    threads: int | None = typer.Option(None, "--threads", help="CPU threads of the prediction."),
     resume: bool = typer.Option(False, "--resume", help="Continue a killed run in OUT without redoing finished work."),
-    annotations: Optional[Path] = typer.Option(None, "--annotations", help="annotations.csv (default: found in "
+    annotations: Path | None = typer.Option(None, "--annotations", help="annotations.csv (default: found in "
                                                                            "DATA_ROOT)."),
-    excluded: Optional[Path] = typer.Option(None, "--excluded", help="annotations_excluded.csv."),
-    seriesuids: Optional[Path] = typer.Option(None, "--seriesuids", help="seriesuids.csv."),
+    excluded: Path | None = typer.Option(None, "--excluded", help="annotations_excluded.csv."),
+    seriesuids: Path | None = typer.Option(None, "--seriesuids", help="seriesuids.csv."),
     bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for the CPM's CI (0: none)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars (the log still goes to "
                                                                   "OUT/benchmark.log)."),
@@ -70,13 +70,13 @@ def lidc_cmd(
     out: Path = typer.Option(..., "-o", "--out", help="Folder for everything: prepared cases, folds, results."),
     folds: int = typer.Option(6, "--folds", help="Folds by patient (the paper: 6)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the patient shuffle of the folds."),
-    config: Optional[Path] = typer.Option(None, "--config", help="Training config YAML/JSON (default: published)."),
+    config: Path | None = typer.Option(None, "--config", help="Training config YAML/JSON (default: published)."),
     set_: list[str] = typer.Option([], "--set", help=_SET_HELP),
-    prepare_config: Optional[Path] = typer.Option(None, "--prepare-config", help="Preparation settings YAML/JSON."),
+    prepare_config: Path | None = typer.Option(None, "--prepare-config", help="Preparation settings YAML/JSON."),
     gpus: int = typer.Option(0, "--gpus", help="GPUs: 0 = CPU, 1 = one GPU, N > 1 = DDP training via torchrun."),
     workers: int = typer.Option(1, "--workers", help="Series prepared in parallel."),
     threshold: float = typer.Option(0.5, "--threshold", help="Detections scoring at least this get a mask."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads of the prediction."),
+    threads: int | None = typer.Option(None, "--threads", help="CPU threads of the prediction."),
     resume: bool = typer.Option(False, "--resume", help="Continue a killed run in OUT without redoing finished work."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars (the log still goes to "
                                                                   "OUT/benchmark.log)."),

@@ -29,7 +29,7 @@ from nodulenet.io.atomic import write_json_atomic, write_text_atomic
 from .folds import fold_paths, fold_train_config, predict_fold, train_fold
 from .luna16_api import BenchmarkResult, _device
 from .report import seg_table_markdown
-from .state import close_log, open_log, open_state
+from .state import StageAnnouncer, benchmark_log, open_state
 
 READER_LEVELS = (3, 4)
 
@@ -75,19 +75,8 @@ def benchmark_lidc(data_root: str | Path, out_dir: str | Path, *, train_config: 
                 "train": train_config.to_dict(), "prepare": prepare_config.to_dict(), "threshold": threshold,
                 "gpus": gpus, "workers": workers, "threads": threads}
     state = open_state(out, "lidc", settings, resume)
-    log = open_log(out)
-    n_stages = 2 + 2 * folds
-    step = 0
-
-    def announce(what: str, done: bool) -> None:
-        nonlocal step
-        step += 1
-        line = f"[{step}/{n_stages}] {what}" + (" - already done, skipped" if done else "")
-        log.info(line)
-        if show_progress:
-            console.rule(line, style="dim" if done else "bold")
-
-    try:
+    with benchmark_log(out) as log:
+        announce = StageAnnouncer(log, 2 + 2 * folds, console if show_progress else None)
         prepared = out / "prepared"
         announce(f"prepare {len(cases)} series", state.done("prepare"))
         if not state.done("prepare"):
@@ -150,9 +139,4 @@ def benchmark_lidc(data_root: str | Path, out_dir: str | Path, *, train_config: 
         state.finish("evaluate")
         if show_progress:
             console.print(seg_table_markdown(results))
-        return BenchmarkResult(out, results)
-    except BaseException as exc:
-        log.error("stopped: %s: %s", type(exc).__name__, exc)
-        raise
-    finally:
-        close_log(log)
+        return BenchmarkResult(out, results, announce.skipped)

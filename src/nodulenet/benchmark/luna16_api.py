@@ -34,8 +34,13 @@ from nodulenet.errors import InputError, NoduleNetError
 from nodulenet.io.atomic import write_json_atomic, write_text_atomic
 
 from .folds import fold_paths, fold_train_config, predict_fold, train_fold
-from .report import froc_summary, luna_table_markdown, print_luna_table, timings_per_scan
-from .state import close_log, open_log, open_state
+from .report import (
+    froc_summary,
+    luna_table_markdown,
+    print_luna_table,
+    timings_per_scan,
+)
+from .state import StageAnnouncer, benchmark_log, open_state
 
 _SUBSET = re.compile(r"^subset(\d+)$")
 EXCLUDED_NAME = "annotations_excluded.csv"
@@ -163,22 +168,8 @@ def benchmark_luna16(data_root: str | Path, out_dir: str | Path, *, train_config
                 "threads": threads, "annotations": str(tree.annotations), "n_bootstrap": n_bootstrap}
     device = _device(gpus)
     state = open_state(out, "luna16", settings, resume)
-    log = open_log(out)
-    skipped: list[str] = []
-    n_stages = 2 + 2 * folds
-    step = 0
-
-    def announce(what: str, done: bool) -> None:
-        nonlocal step
-        step += 1
-        line = f"[{step}/{n_stages}] {what}" + (" - already done, skipped" if done else "")
-        log.info(line)
-        if show_progress:
-            console.rule(line, style="dim" if done else "bold")
-        if done:
-            skipped.append(what)
-
-    try:
+    with benchmark_log(out) as log:
+        announce = StageAnnouncer(log, 2 + 2 * folds, console if show_progress else None)
         log.info("benchmark luna16: %s -> %s, %d folds, %d scans (%s), resume=%s", tree.root, out, folds,
                  sum(len(v) for v in tree.subsets.values()),
                  ", ".join(f"subset{n}: {len(v)}" for n, v in sorted(tree.subsets.items())), resume)
@@ -272,9 +263,4 @@ def benchmark_luna16(data_root: str | Path, out_dir: str | Path, *, train_config
                  overall.cpm_ci)
         if show_progress:
             print_luna_table(results, console)
-        return BenchmarkResult(out, results, skipped)
-    except BaseException as exc:
-        log.error("stopped: %s: %s", type(exc).__name__, exc)
-        raise
-    finally:
-        close_log(log)
+        return BenchmarkResult(out, results, announce.skipped)

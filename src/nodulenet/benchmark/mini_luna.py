@@ -18,7 +18,12 @@ from dataclasses import replace
 from pathlib import Path
 
 from nodulenet.io.atomic import write_text_atomic
-from nodulenet.io.luna_csv import LunaAnnotation, read_luna_annotations, read_luna_excluded, write_luna_annotations
+from nodulenet.io.luna_csv import (
+    LunaAnnotation,
+    read_luna_annotations,
+    read_luna_excluded,
+    write_luna_annotations,
+)
 
 PHANTOM_UID_ROOT = "1.2.826.0.1.3680043.10.1410"
 

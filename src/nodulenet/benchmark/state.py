@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,3 +91,35 @@ def close_log(log: logging.Logger) -> None:
     for handler in list(log.handlers):
         handler.close()
         log.removeHandler(handler)
+
+
+@contextmanager
+def benchmark_log(out: Path) -> Iterator[logging.Logger]:
+    """``OUT/benchmark.log`` for the duration of a run; a run that stops on an error says so there last."""
+    log = open_log(out)
+    try:
+        yield log
+    except BaseException as exc:
+        log.error("stopped: %s: %s", type(exc).__name__, exc)
+        raise
+    finally:
+        close_log(log)
+
+
+class StageAnnouncer:
+    """Numbers the stages of a run ("[3/8] fold 0: predict ...") in the log and, with progress, on the console;
+    remembers the ones skipped as already done."""
+
+    def __init__(self, log: logging.Logger, n_stages: int, console: Any = None) -> None:
+        self.log, self.n_stages, self.console = log, n_stages, console
+        self.step = 0
+        self.skipped: list[str] = []
+
+    def __call__(self, what: str, done: bool) -> None:
+        self.step += 1
+        line = f"[{self.step}/{self.n_stages}] {what}" + (" - already done, skipped" if done else "")
+        self.log.info(line)
+        if self.console is not None:
+            self.console.rule(line, style="dim" if done else "bold")
+        if done:
+            self.skipped.append(what)
