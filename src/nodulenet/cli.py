@@ -242,6 +242,10 @@ def _register_stage_commands() -> None:
 
     app.command("viewer")(viewer_cmd)
 
+    from nodulenet.commands.benchmark import benchmark_app
+
+    app.add_typer(benchmark_app, name="benchmark")
+
 
 _register_stage_commands()
 

@@ -44,6 +44,10 @@ DEVICES = ("cpu", "cuda")
 # How many of the best detections scoring below the threshold nodules.json and the report list (apart, marked so):
 # a reader who gets 0 findings sees what came closest (LIDC-IDRI-0002's ground-glass nodule scores 0.34).
 BELOW_THRESHOLD_LISTED = 5
+# Candidates-only output of one scan: the LUNA16 CSV, then candidates.json (written last: a folder holding it is
+# complete; it records what made the candidates, for the skip rule).
+CANDIDATES_CSV = "candidates.csv"
+CANDIDATES_JSON = "candidates.json"
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,12 @@ class PredictOptions:
     threads: int | None = None  # CPU threads for torch (None: torch's default, one per core)
     # DICOM: read this SeriesInstanceUID from the scan's folder (None: the series a reader would pick, logged)
     series_instance_uid: str | None = None
+    # Candidates-only mode (nodulenet.infer.candidates): every detection, no mask head, no threshold; writes only
+    # candidates.csv + candidates.json per scan. TTA and further models (an ensemble) need it.
+    candidates_only: bool = False
+    extra_weights: tuple[Path, ...] = ()  # more models beside ``weights``: their candidates are merged
+    tta: str = "none"  # "none", "flips" (4 passes) or "flips8"
+    merge: str = "wbf"  # how passes are merged: "wbf" (weighted box fusion) or "nms"
 
     def __post_init__(self) -> None:
         if not 0.0 <= float(self.threshold) <= 1.0:
@@ -74,10 +84,19 @@ class PredictOptions:
             raise NoduleNetError(f"--device must be cpu or cuda (or cuda:N), got {self.device!r}")
         if self.threads is not None and int(self.threads) < 1:
             raise NoduleNetError(f"--threads must be at least 1, got {self.threads}")
+        from nodulenet.infer.candidates import MERGE_METHODS, tta_flips
+
+        tta_flips(self.tta)  # raises for an unknown mode
+        if self.merge not in MERGE_METHODS:
+            raise NoduleNetError(f"--merge must be one of {', '.join(MERGE_METHODS)}, got {self.merge!r}")
+        if not self.candidates_only and (self.extra_weights or self.tta != "none"):
+            raise NoduleNetError("--tta and several --weights need --candidates-only (a mask comes from one pass "
+                                 "of one model; merged boxes have none)")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["weights"] = None if self.weights is None else str(self.weights)
+        d["extra_weights"] = [str(w) for w in self.extra_weights]
         return d
 
 
@@ -158,6 +177,11 @@ class Predictor:
         if self.options.threads is not None:
             torch.set_num_threads(int(self.options.threads))
         self.loaded = load_model(self.options.weights, self.options.device, weights_dir=weights_dir)
+        self.extra_loaded = [load_model(w, self.options.device) for w in self.options.extra_weights]
+        for extra in self.extra_loaded:
+            if extra.prepare_config != self.loaded.prepare_config:
+                raise NoduleNetError(f"{extra.weights_path}: prepares scans differently from {self.loaded.weights_path}"
+                                     f" (prepare settings differ), so their candidates cannot be merged")
         self.precision = resolve_precision(self.options.precision, self.options.device)
         self.channels_last = (self.options.channels_last if self.options.channels_last is not None
                               else not self.options.device.startswith("cuda"))
@@ -196,6 +220,8 @@ class Predictor:
         prepared = prepare_input(ct, self.loaded.prepare_config)
         t1 = time.perf_counter()
         budget = network_memory_budget(opts.device, opts.max_memory_gb)
+        if opts.candidates_only:
+            return self._predict_candidates(ct, prepared, budget, t0, t1)
         try:
             net = run_network(self.loaded.model, prepared.image, device=opts.device, precision=self.precision,
                               mask_threshold=opts.threshold, memory_budget_bytes=budget,
@@ -258,8 +284,66 @@ class Predictor:
             lungs, kept = Volume.from_geometry(prepared.lungs, grid), Volume.from_geometry(prepared.lungs_kept, grid)
         return [locate_finding(f, ct, lungs, kept) for f in findings]
 
+    def _predict_candidates(self, ct: Volume, prepared: Any, budget: float | None, t0: float, t1: float
+                            ) -> ScanPrediction:
+        """Candidates-only: every (merged) detection as a box-only finding, no mask head, threshold 0."""
+        from nodulenet.export.measurements import patient_side
+        from nodulenet.infer.candidates import detect_candidates
+        from nodulenet.infer.mapping import map_detection
+
+        opts = self.options
+        models = [self.loaded.model, *(e.model for e in self.extra_loaded)]
+        out = detect_candidates(models, prepared.image, tta=opts.tta, merge=opts.merge, device=opts.device,
+                                precision=self.precision, memory_budget_bytes=budget,
+                                channels_last=self.channels_last)
+        t2 = time.perf_counter()
+        findings = []
+        for box, score in zip(out.boxes, out.scores):
+            mapped = map_detection(box, float(score), prepared.transform)
+            findings.append(NoduleFinding(
+                id=len(findings) + 1, score=mapped.score, center_world_xyz_mm=mapped.center_world_xyz_mm,
+                center_zyx=mapped.center_zyx, box_zyx=mapped.box_zyx, side=patient_side(mapped.center_zyx, ct)))
+        stages = {"preprocess_s": round(t1 - t0, 3), "network_s": round(t2 - t1, 3),
+                  "postprocess_s": round(time.perf_counter() - t2, 3)}
+        details = {"preprocessed_shape_zyx": list(prepared.image.shape), "n_passes": out.n_passes,
+                   "n_before_merge": out.n_before_merge, "pass_seconds": out.pass_seconds,
+                   "n_detections": len(findings), "precision": self.precision}
+        result = ScanFindings(source=ScanSource.from_volume_meta(ct.meta), geometry=ct.geometry, findings=findings,
+                              model=self.model_info, threshold=0.0, timings=stages)
+        return ScanPrediction(findings=result, stage_seconds=stages, details=details)
+
+    def _write_candidates(self, findings: ScanFindings, out_dir: Path) -> Any:
+        """``candidates.csv`` and, last, ``candidates.json``; shaped like :func:`export_all`'s result."""
+        from types import SimpleNamespace
+
+        from nodulenet.export.tables import candidates_seriesuid, write_candidates_csv
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        csv_path = write_candidates_csv(findings, out_dir / CANDIDATES_CSV)
+        json_path = write_json_atomic(out_dir / CANDIDATES_JSON, {
+            "identity": self.candidates_identity(), "seriesuid": candidates_seriesuid(findings),
+            "n_candidates": len(findings.findings), "source": findings.source.to_dict(),
+            "timings": findings.timings})
+        return SimpleNamespace(files={"candidates_csv": csv_path, "candidates_json": json_path},
+                               skipped={"masks": "candidates-only mode"})
+
+    def candidates_identity(self) -> dict[str, Any]:
+        """What decides a candidates-only result (compared by the skip rule; written to candidates.json)."""
+        models = [self.loaded, *self.extra_loaded]
+        return {"nodulenet_version": nodulenet.__version__, "weights_sha256": [m.weights_sha256 for m in models],
+                "config_sha256": [m.config_sha256 for m in models], "tta": self.options.tta,
+                "merge": self.options.merge if len(models) > 1 or self.options.tta != "none" else None}
+
     def is_complete(self, out_dir: Path) -> bool:
         """True when ``out_dir`` holds a complete export made with this model, threshold and version."""
+        if self.options.candidates_only:
+            import json
+
+            try:
+                done = json.loads((out_dir / CANDIDATES_JSON).read_text())
+            except (OSError, ValueError):
+                return False
+            return (out_dir / CANDIDATES_CSV).is_file() and done.get("identity") == self.candidates_identity()
         return output_is_complete(out_dir, weights_sha256=self.loaded.weights_sha256,
                                   config_sha256=self.loaded.config_sha256, threshold=self.options.threshold,
                                   version=nodulenet.__version__)
@@ -283,8 +367,11 @@ class Predictor:
             prediction = self.predict_volume(ct)
             prediction.findings.timings["read_s"] = round(t_read, 3)
             t_export = time.perf_counter()
-            exported = export_all(prediction.findings, ct, out_dir, label_format=self.options.label_format,
-                                  dicom=self.options.dicom_outputs)
+            if self.options.candidates_only:
+                exported = self._write_candidates(prediction.findings, out_dir)
+            else:
+                exported = export_all(prediction.findings, ct, out_dir, label_format=self.options.label_format,
+                                      dicom=self.options.dicom_outputs)
             t_end = time.perf_counter()
         except NoduleNetError as exc:
             result.error = str(exc)

@@ -143,8 +143,15 @@ def predict_cmd(
     scans: Optional[list[Path]] = typer.Argument(None, help="DICOM series folder(s), .mhd/.nii/.nii.gz/.nrrd file(s), "
                                                  "or a .txt file listing scans (one path per line)."),
     out: Path = typer.Option(..., "-o", "--out", help="Output folder: one sub-folder per scan, plus summary.json."),
-    weights: Optional[Path] = typer.Option(None, "--weights", help="Checkpoint (nodulenet model.pt or the "
-                                           "published NoduleNet .ckpt). Default: the shipped demo model."),
+    weights_list: list[Path] = typer.Option([], "--weights", help="Checkpoint (nodulenet model.pt or the "
+                                            "published NoduleNet .ckpt). Default: the shipped demo model. Repeat "
+                                            "it for an ensemble (with --candidates-only)."),
+    candidates_only: bool = typer.Option(False, "--candidates-only", help="Write every candidate (LUNA16 "
+                                         "candidates.csv, no threshold) and skip the mask head: for FROC scoring."),
+    tta: str = typer.Option("none", "--tta", help="Test-time augmentation (with --candidates-only): none, flips "
+                                                  "(+ each axis mirrored: 4 passes) or flips8 (8 passes)."),
+    merge: str = typer.Option("wbf", "--merge", help="How TTA passes / ensemble models are merged: wbf (weighted "
+                                                     "box fusion) or nms."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda (cuda:N; under torchrun each rank takes "
                                                        "cuda:LOCAL_RANK)."),
     threshold: float = typer.Option(0.5, "--threshold", help="Report detections scoring at least this (0..1)."),
@@ -188,11 +195,17 @@ def predict_cmd(
     from nodulenet.errors import NoduleNetError
     from nodulenet.predict_api import predict_scans
 
-    options = _options(weights, device, threshold, max_memory, precision, label_format, no_dicom, redo, threads,
-                       series)
+    from dataclasses import replace
+
+    weights = weights_list[0] if weights_list else None
+    options = replace(_options(weights, device, threshold, max_memory, precision, label_format, no_dicom, redo,
+                               threads, series), candidates_only=candidates_only,
+                      extra_weights=tuple(weights_list[1:]), tta=tta, merge=merge)
     console = _console()
     if server and remote:
         raise NoduleNetError("--server and --remote are two ways to run elsewhere: give one of them")
+    if remote and (candidates_only or len(weights_list) > 1):
+        raise NoduleNetError("--candidates-only and several --weights run here only, not with --remote")
     if dicomweb is None and (study or store_results):  # not --dicomweb-auth: it may come from the env
         raise NoduleNetError("--study/--store-results go with --dicomweb URL")
     if dicomweb is not None:
@@ -228,6 +241,7 @@ def predict_cmd(
     elif server:
         # The server runs its own model on its own device: options that choose those here would be ignored.
         local_only = {"--weights": weights is not None, "--device": device != "cpu",
+                      "--candidates-only": candidates_only, "--tta": tta != "none",
                       "--max-memory": max_memory is not None, "--precision": precision != "auto",
                       "--threads": threads is not None}
         given = [flag for flag, used in local_only.items() if used]

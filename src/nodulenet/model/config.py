@@ -87,6 +87,9 @@ class NoduleNetConfig:
     rcnn_train_nms_iou: float = 0.1
     rcnn_test_score_threshold: float = 0.0
     rcnn_test_nms_iou: float = 0.1
+    # The map the RCNN crops its proposals from: "out2" (the encoder map: the published, decoupled NoduleNet) or
+    # "comb2" (the decoder map the RPN also uses: the coupled variant of the paper's ablation).
+    rcnn_feature_map: str = "out2"
 
     # ---- mask head ----
     mask_channels: int = 64
@@ -123,6 +126,8 @@ class NoduleNetConfig:
             problems.append("max_stride must be a multiple of 16 (four 2x down-samplings)")
         if not self.anchor_sizes or any(s <= 0 for s in self.anchor_sizes):
             problems.append("anchor_sizes must be positive")
+        if self.rcnn_feature_map not in ("out2", "comb2"):
+            problems.append("rcnn_feature_map must be 'out2' (decoupled, published) or 'comb2' (decoder map)")
         if self.num_classes != 2:
             problems.append("num_classes must be 2 (background, nodule)")
         if len(self.box_reg_weights) != 6:

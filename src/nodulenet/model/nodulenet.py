@@ -128,7 +128,8 @@ class NoduleNet(nn.Module):
         c_pre, c1, c2, c3, c4, c_back3, c_back2 = cfg.backbone_channels
         self.feature_net = FeatureNet(cfg)
         self.rpn, self.rpn_levels = build_rpn_heads(cfg)
-        self.rcnn_head = RcnnHead(c2, cfg.rcnn_crop_size, cfg.rcnn_fc_channels, cfg.num_classes)
+        rcnn_in = c2 if cfg.rcnn_feature_map == "out2" else c_back2
+        self.rcnn_head = RcnnHead(rcnn_in, cfg.rcnn_crop_size, cfg.rcnn_fc_channels, cfg.num_classes)
         self.mask_head = MaskHead(c_back2, c1, cfg.in_channels, cfg.mask_channels)
         self.box_coder = BoxCoder(cfg.box_reg_weights)
         self._anchor_cache = AnchorCache()
@@ -283,7 +284,8 @@ class NoduleNet(nn.Module):
             boxes = [features.out2.new_zeros((0, 6))]
         flat = torch.cat(boxes, dim=0)
         bidx = torch.cat([torch.full((len(b),), i, dtype=torch.long) for i, b in enumerate(boxes)])
-        crops = crop_and_pool(features.out2, flat, bidx, self.config.stride, self.config.rcnn_crop_size)
+        crops = crop_and_pool(getattr(features, self.config.rcnn_feature_map), flat, bidx, self.config.stride,
+                              self.config.rcnn_crop_size)
         return self.rcnn_head(crops)
 
     def _rcnn_losses(
