@@ -15,7 +15,9 @@ map are read; the scan it names must still be there, since the comparison reads 
    ``VDT = interval x ln 2 / ln(V_current / V_prior)`` (only for a nodule whose volume grew), Lung-RADS growth and
    the Lung-RADS v2022 category (:mod:`.lung_rads`), and the exam's category.
 
-``comparison.json`` (schema :data:`SCHEMA`) is written atomically, as is ``comparison.html``.
+``comparison.json`` (schema :data:`SCHEMA`) is written atomically, as is ``comparison.html``; when both exams were
+read from DICOM, also ``comparison_sr.dcm``, a TID 1500 SR of the changes in the current study
+(:mod:`.comparison_sr`).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from nodulenet.io.volume import Volume
 logger = logging.getLogger(__name__)
 
 SCHEMA = "nodulenet.comparison/1"
+COMPARISON_SR = "comparison_sr.dcm"  # written when both exams are DICOM (:mod:`.comparison_sr`)
 MIN_FIELD_OVERLAP = 0.3  # of the shorter lung extent along the body axis
 
 
@@ -74,6 +77,7 @@ class ComparisonResult:
     json_path: Path
     html_path: Path
     comparison: dict[str, Any]
+    sr_path: Path | None = None  # comparison_sr.dcm, when both exams were read from DICOM
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -326,7 +330,13 @@ def compare_scans(prior: str | Path, current: str | Path, out_dir: str | Path,
     comparison = compare_time_points(tp_prior, tp_current, interval, identity=identity, interval_source=source)
     json_path = write_json_atomic(out / "comparison.json", comparison)
     html_path = write_comparison_html(comparison, tp_prior, tp_current, out / "comparison.html")
-    return ComparisonResult(out, json_path, html_path, comparison)
+    sr_path = None
+    if all(tp.findings.source.format == "dicom" for tp in (tp_prior, tp_current)):
+        from nodulenet.followup.comparison_sr import write_comparison_sr
+
+        sr_path = write_comparison_sr(comparison, tp_current.findings, tp_current.hu, tp_current.result_dir,
+                                      out / COMPARISON_SR)
+    return ComparisonResult(out, json_path, html_path, comparison, sr_path)
 
 
 __all__ = ["CompareOptions", "ComparisonResult", "PatientMismatchError", "SCHEMA", "TimePoint", "compare_scans",
