@@ -3,7 +3,7 @@ studies of one patient (same PatientID, StudyDates 180 days apart, own Study UID
 
 The default-suite test builds the result folders from the generator's own masks (with a real ``seg.dcm`` for the
 current exam, written by the project's SEG exporter), so it checks the SR against ``comparison.json`` without the
-network; the slow test runs ``nodulenet compare`` on the two DICOM series with the shipped demo model.
+network; the second runs ``nodulenet compare`` on the two DICOM series with the shipped demo model.
 """
 
 from __future__ import annotations
@@ -136,7 +136,6 @@ def test_comparison_sr_from_reference_masks(dicom_pair, tmp_path: Path) -> None:
     assert len(segmented) == 3
 
 
-@pytest.mark.slow
 def test_compare_dicom_pair_with_the_shipped_model(dicom_pair, tmp_path: Path) -> None:
     out = tmp_path / "cmp"
     res = subprocess.run([sys.executable, "-m", "nodulenet", "compare", str(dicom_pair["prior"]),

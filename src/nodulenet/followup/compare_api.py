@@ -45,6 +45,7 @@ from nodulenet.io.volume import Volume
 logger = logging.getLogger(__name__)
 
 SCHEMA = "nodulenet.comparison/1"
+TRANSFORM_FILE = "current_to_prior.tfm"  # the registration, for the viewer (ITK: fixed = current -> moving = prior)
 COMPARISON_SR = "comparison_sr.dcm"  # written when both exams are DICOM (:mod:`.comparison_sr`)
 MIN_FIELD_OVERLAP = 0.3  # of the shorter lung extent along the body axis
 
@@ -235,8 +236,13 @@ def _lung_rads_input(current: NoduleComposition, encounter: str, prior: NoduleCo
 
 
 def compare_time_points(prior: TimePoint, current: TimePoint, interval_days: float, *,
-                        identity: str = "not checked", interval_source: str = "given") -> dict[str, Any]:
-    """The comparison of two loaded exams (the part of :func:`compare_scans` after reading): a JSON-able dict."""
+                        identity: str = "not checked", interval_source: str = "given",
+                        transform_path: Path | None = None) -> dict[str, Any]:
+    """The comparison of two loaded exams (the part of :func:`compare_scans` after reading): a JSON-able dict.
+
+    ``transform_path``: where to save the registration (an ITK ``.tfm`` mapping current-scan points to prior-scan
+    points, named in ``registration.transform_file`` relative to its folder), for the viewer's linked crosshairs.
+    """
     from nodulenet.preprocess.lung_mask import segment_lungs
 
     for tp in (prior, current):
@@ -245,6 +251,11 @@ def compare_time_points(prior: TimePoint, current: TimePoint, interval_days: flo
         _compose(tp)
     overlap = _check_fields_overlap(prior, current)
     registration = register_scans(current.hu, prior.hu, current.lungs, prior.lungs)  # type: ignore[arg-type]
+    summary = registration.summary()
+    if transform_path is not None:
+        registration.write(transform_path)
+        summary["transform_file"] = Path(transform_path).name
+        summary["transform_maps"] = "current-scan points (LPS mm) to prior-scan points"
     prior_centres = np.asarray([f.center_world_xyz_mm for f in prior.findings.findings], dtype=np.float64)
     mapped = registration.prior_to_current(prior_centres) if len(prior_centres) else np.zeros((0, 3))
     current_centres = np.asarray([f.center_world_xyz_mm for f in current.findings.findings], dtype=np.float64)
@@ -288,7 +299,7 @@ def compare_time_points(prior: TimePoint, current: TimePoint, interval_days: flo
         "patient_identity": identity,
         "interval_days": interval_days, "interval_source": interval_source,
         "field_of_view_overlap": round(overlap, 3),
-        "registration": registration.summary(),
+        "registration": summary,
         "counts": counts,
         "nodules": nodules,
         "lung_rads": {"version": "v2022", "exam": exam_category(assessments).to_dict(),
@@ -327,7 +338,8 @@ def compare_scans(prior: str | Path, current: str | Path, out_dir: str | Path,
     tp_current = _time_point(current_path, out / "current", predictor)
     identity = _check_patient(tp_prior, tp_current, options.force)
     interval, source = _interval(tp_prior, tp_current, options.interval_days)
-    comparison = compare_time_points(tp_prior, tp_current, interval, identity=identity, interval_source=source)
+    comparison = compare_time_points(tp_prior, tp_current, interval, identity=identity, interval_source=source,
+                                     transform_path=out / TRANSFORM_FILE)
     json_path = write_json_atomic(out / "comparison.json", comparison)
     html_path = write_comparison_html(comparison, tp_prior, tp_current, out / "comparison.html")
     sr_path = None
