@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -73,7 +72,8 @@ def test_selecting_the_grown_nodule_puts_both_crosshairs_on_it(window, compared,
     row = _grown_row(compared["comparison"], truth)
     window.select_nodule(row)
     for side in ("prior", "current"):
-        error = np.linalg.norm(window.cursor_world(side) - np.asarray(getattr(truth, side)["grown"]["center_world_xyz_mm"]))
+        true_centre = np.asarray(getattr(truth, side)["grown"]["center_world_xyz_mm"])
+        error = np.linalg.norm(window.cursor_world(side) - true_centre)
         assert error < 2.0, (side, error)
     assert window.table.item(row, 0).text() == "persistent"
     assert window.views["current"].selected_id == compared["comparison"]["nodules"][row]["current"]["finding_id"]
@@ -96,7 +96,8 @@ def test_a_click_in_one_view_moves_the_other_crosshair_to_the_registered_point(w
         QTest.mouseClick(view, Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier,
                          QPointF(point.x(), point.y()).toPoint())
         assert np.linalg.norm(window.cursor_world(clicked) - getattr(truth, clicked)[role]["center_world_xyz_mm"]) < 2.0
-        error = np.linalg.norm(window.cursor_world(other) - np.asarray(getattr(truth, other)[role]["center_world_xyz_mm"]))
+        true_centre = np.asarray(getattr(truth, other)[role]["center_world_xyz_mm"])
+        error = np.linalg.norm(window.cursor_world(other) - true_centre)
         assert error < 2.0, (clicked, role, error)
 
 

@@ -145,4 +145,5 @@ def test_compare_dicom_pair_with_the_shipped_model(dicom_pair, tmp_path: Path) -
     c = json.loads((out / "comparison.json").read_text())
     assert c["interval_source"] == "StudyDate" and c["interval_days"] == INTERVAL
     assert sorted(n["status"] for n in c["nodules"]) == ["new", "persistent", "persistent", "resolved"]
-    _check_sr_against_comparison(out / "comparison_sr.dcm", c, dicom_pair["current"], Path(c["current"]["result_dir"]) / "seg.dcm")
+    _check_sr_against_comparison(out / "comparison_sr.dcm", c, dicom_pair["current"],
+                                 Path(c["current"]["result_dir"]) / "seg.dcm")

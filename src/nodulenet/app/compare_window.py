@@ -189,9 +189,10 @@ class CompareWindow(QMainWindow):
         self.table.setRowCount(len(c["nodules"]))
         for r, n in enumerate(c["nodules"]):
             side = n["current"] or n["prior"]
-            values = (n["status"], side["nodule_type"],
-                      _cell((n["prior"] or {}).get("mean_diameter_mm")), _cell((n["current"] or {}).get("mean_diameter_mm")),
-                      _cell(n.get("volume_change_percent"), "{:+.0f}"), _cell(n.get("volume_doubling_time_days"), "{:.0f}"),
+            values = (n["status"], side["nodule_type"], _cell((n["prior"] or {}).get("mean_diameter_mm")),
+                      _cell((n["current"] or {}).get("mean_diameter_mm")),
+                      _cell(n.get("volume_change_percent"), "{:+.0f}"),
+                      _cell(n.get("volume_doubling_time_days"), "{:.0f}"),
                       "-" if not n.get("lung_rads") else n["lung_rads"]["category"])
             for col, text in enumerate(values):
                 self.table.setItem(r, col, QTableWidgetItem(text))

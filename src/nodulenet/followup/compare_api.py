@@ -313,7 +313,9 @@ def _rounded(value: float | None, digits: int = 1) -> float | None:
 
 def _exam(tp: TimePoint) -> dict[str, Any]:
     s = tp.findings.source
-    return {"result_dir": str(tp.result_dir), "scan": s.path, "study_date": s.study_date, "patient_id": s.patient_id,
+    # Absolute, so that `nodulenet viewer --compare OUT` finds the folders from anywhere.
+    return {"result_dir": str(tp.result_dir.resolve()), "scan": s.path, "study_date": s.study_date,
+            "patient_id": s.patient_id,
             "series_instance_uid": s.series_instance_uid, "n_findings": len(tp.findings.findings),
             "threshold": tp.findings.threshold}
 

@@ -159,8 +159,8 @@ def write_followup_pair(out_dir: str | Path, seed: int, *, fmt: str = "nii.gz", 
     """Write the pair into ``out_dir``: ``prior.<fmt>``, ``current.<fmt>``, their label maps (always ``.nii.gz``)
     and ``truth.json``.
 
-    ``fmt="dicom"`` writes ``prior/`` and ``current/`` as DICOM CT series (:func:`~nodulenet.io.dicom_write.write_ct_series`)
-    of one patient (``patient_id``) in two studies (own Study/Series/Frame of Reference UIDs, derived from the seed),
+    ``fmt="dicom"`` writes ``prior/`` and ``current/`` as DICOM CT series
+    (:func:`~nodulenet.io.dicom_write.write_ct_series`) of one patient (``patient_id``) in two studies (own Study/Series/Frame of Reference UIDs, derived from the seed),
     with StudyDates :data:`PRIOR_STUDY_DATE` and ``interval_days`` (whole days) later, as a follow-up exam has.
     """
     from datetime import date, timedelta
@@ -184,7 +184,8 @@ def write_followup_pair(out_dir: str | Path, seed: int, *, fmt: str = "nii.gz", 
                                                                first + timedelta(days=round(truth.interval_days)))):
             key = [f"nodulenet-followup-{seed}-{patient_id}", name]
             identity = SeriesIdentity(
-                study_uid=generate_uid(entropy_srcs=[*key, "study"]), series_uid=generate_uid(entropy_srcs=[*key, "series"]),
+                study_uid=generate_uid(entropy_srcs=[*key, "study"]),
+                series_uid=generate_uid(entropy_srcs=[*key, "series"]),
                 frame_of_reference_uid=generate_uid(entropy_srcs=[*key, "frame of reference"]), patient_id=patient_id,
                 patient_name="Followup^Phantom", study_description=f"NoduleNet follow-up phantom ({name})",
                 series_description=f"Synthetic chest CT, follow-up seed {seed}, {name} (not a patient)",
