@@ -13,12 +13,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
 
 from nodulenet.followup.compare_api import compare_scans
-from nodulenet.followup.comparison_sr import SCHEME
+from nodulenet.followup.comparison_sr import DOUBLING_TIME, SCHEME
 from nodulenet.followup.synthetic import write_followup_pair
 from nodulenet.io.findings import ScanFindings, ScanSource
 from nodulenet.io.scan import read_scan
@@ -134,6 +135,14 @@ def test_comparison_sr_from_reference_masks(dicom_pair, tmp_path: Path) -> None:
     segmented = [g for g in _groups(sr) if any(i.ValueType == "IMAGE" and i.ReferencedSOPSequence[0]
                                                .ReferencedSOPInstanceUID == seg_uid for i in g.ContentSequence)]
     assert len(segmented) == 3
+    # highdicom reads it back as a TID 1500 report: 3 volumetric groups (TID 1411), the resolved nodule and the
+    # exam as TID 1501 groups; the grown nodule's doubling time in days.
+    report = hd.sr.srread(result.sr_path).content
+    volumetric = report.get_volumetric_roi_measurement_groups()
+    assert len(volumetric) == 3 and len(report.get_image_measurement_groups()) == 2
+    vdts = [m.value for g in volumetric for m in g.get_measurements(name=DOUBLING_TIME)]
+    expected = [n["volume_doubling_time_days"] for n in c["nodules"] if n.get("volume_doubling_time_days")]
+    assert vdts == pytest.approx(expected) and len(vdts) >= 1
 
 
 def test_compare_dicom_pair_with_the_shipped_model(dicom_pair, tmp_path: Path) -> None:
