@@ -103,7 +103,9 @@ def test_compare_two_scans_with_the_shipped_model(pair, truth, tmp_path: Path) -
 def test_volume_change_and_doubling_time_from_reference_masks(pair, truth, tmp_path: Path) -> None:
     prior = _reference_result(tmp_path / "p", pair["prior"], pair["prior_labels"], "P1", "20250101")
     current = _reference_result(tmp_path / "c", pair["current"], pair["current_labels"], "P1", "20250630")
-    c = compare_scans(prior, current, tmp_path / "out").comparison
+    result = compare_scans(prior, current, tmp_path / "out")
+    c = result.comparison
+    assert result.sr_path is None and not (tmp_path / "out" / "comparison_sr.dcm").exists()  # NIfTI: no SR
     assert c["interval_days"] == INTERVAL and c["interval_source"] == "StudyDate"
     assert c["patient_identity"] == "same PatientID"
     groups = _by_status(c)

@@ -60,3 +60,18 @@ def run_viewer(scan: Path | None = None, results: Path | None = None, argv: list
     elif results is not None:
         window.load_results(results)
     return int(app.exec())
+
+
+def run_compare_viewer(folder: Path, argv: list[str] | None = None) -> int:
+    """``nodulenet viewer --compare OUT``: the follow-up viewer (:mod:`nodulenet.app.compare_window`) on a folder
+    ``nodulenet compare`` wrote; runs until the window closes."""
+    from PySide6.QtWidgets import QApplication
+
+    from nodulenet.app.compare_window import CompareWindow
+
+    app = QApplication.instance() or QApplication(argv if argv is not None else sys.argv[:1])
+    app.setApplicationName("NoduleNet follow-up viewer")
+    window = CompareWindow()
+    window.show()
+    window.open_comparison(folder)
+    return int(app.exec())

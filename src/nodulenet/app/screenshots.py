@@ -8,6 +8,8 @@ run local detection with the shipped model, select a nodule, save the window as 
 - ``viewer_lidc.png`` (with ``--lidc SERIES_DIR``): LIDC-IDRI-0001 at score >= 0.9, the finding nearest its
   LUNA16 nodule (23.4 mm at (56.21, 86.34, -115.87) mm, ``annotations.csv``) selected.
   LIDC-IDRI images: The Cancer Imaging Archive (TCIA), CC BY 3.0.
+- ``viewer_compare.png``: the follow-up viewer (:mod:`.compare_window`) on ``nodulenet compare`` of the synthetic
+  follow-up pair (seed 11, 180 days, shipped model), the grown nodule selected.
 
 Needs a display; on a machine without one::
 
@@ -94,6 +96,41 @@ def _shoot(window: object, path: Path) -> None:
     print(f"wrote {path}")
 
 
+def _compare_screenshot(work: Path, path: Path) -> Path:
+    """``nodulenet compare`` on the synthetic follow-up pair, opened in the follow-up viewer, grown nodule selected."""
+    from PySide6.QtWidgets import QApplication
+
+    from nodulenet.app.compare_window import CompareWindow
+
+    # In child processes: the pair's generator lives in followup/preprocess, which the app layer does not import.
+    pair = work / "followup"
+    subprocess.run([sys.executable, "-c", "import sys; from nodulenet.followup.synthetic import write_followup_pair; "
+                    "write_followup_pair(sys.argv[1], 11, interval_days=180.0)", str(pair)],
+                   check=True, capture_output=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "nodulenet", "compare", str(pair / "prior.nii.gz"),
+                    str(pair / "current.nii.gz"), "-o", str(work / "compare"), "--interval-days", "180"],
+                   check=True, capture_output=True, timeout=900)
+    window = CompareWindow()
+    window.resize(*WINDOW_SIZE)
+    window.show()
+    try:
+        window.open_comparison(work / "compare")
+        wait_for(lambda: window.loaded is not None or bool(window.messages), 300, "the comparison to open")
+        if window.loaded is None:
+            raise RuntimeError(window.messages[-1])
+        nodules = window.loaded.comparison["nodules"]
+        grown = max(range(len(nodules)), key=lambda r: nodules[r].get("volume_change_percent") or -math.inf)
+        window.select_nodule(grown)
+        for _ in range(5):  # let the table and views settle
+            QApplication.processEvents()
+            time.sleep(0.05)
+        window.save_screenshot(path)
+        print(f"wrote {path}")
+    finally:
+        window.close()
+    return path
+
+
 def make_screenshots(out_dir: Path, lidc_series: Path | None, work: Path) -> list[Path]:
     from PySide6.QtCore import QSettings
     from PySide6.QtWidgets import QApplication
@@ -125,6 +162,7 @@ def make_screenshots(out_dir: Path, lidc_series: Path | None, work: Path) -> lis
             _select_nearest(window, LIDC_0001_NODULE_XYZ_MM)
             written.append(out_dir / "viewer_lidc.png")
             _shoot(window, written[-1])
+        written.append(_compare_screenshot(work, out_dir / "viewer_compare.png"))
     finally:
         window.close()
     return written

@@ -53,4 +53,5 @@ def compare_cmd(
     exam = c["lung_rads"]["exam"]
     console.print(f"Lung-RADS v2022 exam category {exam['category']} ({exam['rule']}); a decision aid, not a "
                   "diagnosis.", highlight=False)
-    console.print(f"wrote {result.json_path} and {result.html_path}", highlight=False, soft_wrap=True)
+    written = [result.json_path, result.html_path, *([result.sr_path] if result.sr_path else [])]
+    console.print(f"wrote {', '.join(str(p) for p in written)}", highlight=False, soft_wrap=True)

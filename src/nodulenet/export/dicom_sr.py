@@ -176,7 +176,8 @@ def build_no_findings_sr(findings: ScanFindings, source_headers: Sequence[Datase
     return _document([group], list(source_headers))
 
 
-def _document(groups: list, evidence: list[Dataset]) -> hd.sr.Comprehensive3DSR:
+def _document(groups: list, evidence: list[Dataset], *, series_number: int = SR_SERIES_NUMBER,
+              series_description: str = SR_SERIES_DESCRIPTION) -> hd.sr.Comprehensive3DSR:
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -192,14 +193,14 @@ def _document(groups: list, evidence: list[Dataset]) -> hd.sr.Comprehensive3DSR:
         evidence=evidence,
         content=report,
         series_instance_uid=hd.UID(),
-        series_number=SR_SERIES_NUMBER,
+        series_number=series_number,
         sop_instance_uid=hd.UID(),
         instance_number=1,
         manufacturer=MANUFACTURER,
         is_complete=True,
         is_final=False,
         is_verified=False,
-        series_description=SR_SERIES_DESCRIPTION,
+        series_description=series_description,
     )
 
 

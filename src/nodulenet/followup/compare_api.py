@@ -15,7 +15,9 @@ map are read; the scan it names must still be there, since the comparison reads 
    ``VDT = interval x ln 2 / ln(V_current / V_prior)`` (only for a nodule whose volume grew), Lung-RADS growth and
    the Lung-RADS v2022 category (:mod:`.lung_rads`), and the exam's category.
 
-``comparison.json`` (schema :data:`SCHEMA`) is written atomically, as is ``comparison.html``.
+``comparison.json`` (schema :data:`SCHEMA`) is written atomically, as is ``comparison.html``; when both exams were
+read from DICOM, also ``comparison_sr.dcm``, a TID 1500 SR of the changes in the current study
+(:mod:`.comparison_sr`).
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ from nodulenet.io.volume import Volume
 logger = logging.getLogger(__name__)
 
 SCHEMA = "nodulenet.comparison/1"
+TRANSFORM_FILE = "current_to_prior.tfm"  # the registration, for the viewer (ITK: fixed = current -> moving = prior)
+COMPARISON_SR = "comparison_sr.dcm"  # written when both exams are DICOM (:mod:`.comparison_sr`)
 MIN_FIELD_OVERLAP = 0.3  # of the shorter lung extent along the body axis
 
 
@@ -74,6 +78,7 @@ class ComparisonResult:
     json_path: Path
     html_path: Path
     comparison: dict[str, Any]
+    sr_path: Path | None = None  # comparison_sr.dcm, when both exams were read from DICOM
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -232,8 +237,13 @@ def _lung_rads_input(current: NoduleComposition, encounter: str, prior: NoduleCo
 
 
 def compare_time_points(prior: TimePoint, current: TimePoint, interval_days: float, *,
-                        identity: str = "not checked", interval_source: str = "given") -> dict[str, Any]:
-    """The comparison of two loaded exams (the part of :func:`compare_scans` after reading): a JSON-able dict."""
+                        identity: str = "not checked", interval_source: str = "given",
+                        transform_path: Path | None = None) -> dict[str, Any]:
+    """The comparison of two loaded exams (the part of :func:`compare_scans` after reading): a JSON-able dict.
+
+    ``transform_path``: where to save the registration (an ITK ``.tfm`` mapping current-scan points to prior-scan
+    points, named in ``registration.transform_file`` relative to its folder), for the viewer's linked crosshairs.
+    """
     from nodulenet.preprocess.lung_mask import segment_lungs
 
     for tp in (prior, current):
@@ -242,6 +252,11 @@ def compare_time_points(prior: TimePoint, current: TimePoint, interval_days: flo
         _compose(tp)
     overlap = _check_fields_overlap(prior, current)
     registration = register_scans(current.hu, prior.hu, current.lungs, prior.lungs)  # type: ignore[arg-type]
+    summary = registration.summary()
+    if transform_path is not None:
+        registration.write(transform_path)
+        summary["transform_file"] = Path(transform_path).name
+        summary["transform_maps"] = "current-scan points (LPS mm) to prior-scan points"
     prior_centres = np.asarray([f.center_world_xyz_mm for f in prior.findings.findings], dtype=np.float64)
     mapped = registration.prior_to_current(prior_centres) if len(prior_centres) else np.zeros((0, 3))
     current_centres = np.asarray([f.center_world_xyz_mm for f in current.findings.findings], dtype=np.float64)
@@ -285,7 +300,7 @@ def compare_time_points(prior: TimePoint, current: TimePoint, interval_days: flo
         "patient_identity": identity,
         "interval_days": interval_days, "interval_source": interval_source,
         "field_of_view_overlap": round(overlap, 3),
-        "registration": registration.summary(),
+        "registration": summary,
         "counts": counts,
         "nodules": nodules,
         "lung_rads": {"version": "v2022", "exam": exam_category(assessments).to_dict(),
@@ -299,7 +314,9 @@ def _rounded(value: float | None, digits: int = 1) -> float | None:
 
 def _exam(tp: TimePoint) -> dict[str, Any]:
     s = tp.findings.source
-    return {"result_dir": str(tp.result_dir), "scan": s.path, "study_date": s.study_date, "patient_id": s.patient_id,
+    # Absolute, so that `nodulenet viewer --compare OUT` finds the folders from anywhere.
+    return {"result_dir": str(tp.result_dir.resolve()), "scan": s.path, "study_date": s.study_date,
+            "patient_id": s.patient_id,
             "series_instance_uid": s.series_instance_uid, "n_findings": len(tp.findings.findings),
             "threshold": tp.findings.threshold}
 
@@ -324,10 +341,17 @@ def compare_scans(prior: str | Path, current: str | Path, out_dir: str | Path,
     tp_current = _time_point(current_path, out / "current", predictor)
     identity = _check_patient(tp_prior, tp_current, options.force)
     interval, source = _interval(tp_prior, tp_current, options.interval_days)
-    comparison = compare_time_points(tp_prior, tp_current, interval, identity=identity, interval_source=source)
+    comparison = compare_time_points(tp_prior, tp_current, interval, identity=identity, interval_source=source,
+                                     transform_path=out / TRANSFORM_FILE)
     json_path = write_json_atomic(out / "comparison.json", comparison)
     html_path = write_comparison_html(comparison, tp_prior, tp_current, out / "comparison.html")
-    return ComparisonResult(out, json_path, html_path, comparison)
+    sr_path = None
+    if all(tp.findings.source.format == "dicom" for tp in (tp_prior, tp_current)):
+        from nodulenet.followup.comparison_sr import write_comparison_sr
+
+        sr_path = write_comparison_sr(comparison, tp_current.findings, tp_current.hu, tp_current.result_dir,
+                                      out / COMPARISON_SR)
+    return ComparisonResult(out, json_path, html_path, comparison, sr_path)
 
 
 __all__ = ["CompareOptions", "ComparisonResult", "PatientMismatchError", "SCHEMA", "TimePoint", "compare_scans",

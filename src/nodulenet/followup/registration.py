@@ -52,6 +52,17 @@ class Registration:
         return np.asarray([inverse.TransformPoint(tuple(float(v) for v in p)) for p in points_xyz_mm],
                           dtype=np.float64).reshape(-1, 3)
 
+    def write(self, path: Any) -> Any:
+        """Save ``transform`` as an ITK transform file (``.tfm``, read back with ``SimpleITK.ReadTransform``);
+        written atomically. It maps current-scan points to prior-scan points, as ITK registrations do."""
+        import SimpleITK as sitk
+
+        from nodulenet.io.atomic import atomic_path
+
+        with atomic_path(path) as tmp:
+            sitk.WriteTransform(self.transform, str(tmp))
+        return path
+
     def summary(self) -> dict[str, Any]:
         return {"method": "SimpleITK rigid (Euler3D) then affine, Mattes mutual information, lung-masked, "
                           f"{REGISTRATION_SPACING_MM:g} mm grid",

@@ -151,16 +151,51 @@ def make_followup_pair(seed: int, *, interval_days: float = 180.0, grow_mm: tupl
     return noisy[0], noisy[1], prior_labels, current_labels, truth
 
 
-def write_followup_pair(out_dir: str | Path, seed: int, **kwargs: Any) -> dict[str, Path]:
-    """Write ``prior.nii.gz``, ``current.nii.gz``, their label maps and ``truth.json`` into ``out_dir``."""
+PRIOR_STUDY_DATE = "20250101"  # the DICOM pair's StudyDates: the current one is interval_days later
+
+
+def write_followup_pair(out_dir: str | Path, seed: int, *, fmt: str = "nii.gz", patient_id: str = "FOLLOWUP-PHANTOM",
+                        **kwargs: Any) -> dict[str, Path]:
+    """Write the pair into ``out_dir``: ``prior.<fmt>``, ``current.<fmt>``, their label maps (always ``.nii.gz``)
+    and ``truth.json``.
+
+    ``fmt="dicom"`` writes ``prior/`` and ``current/`` as DICOM CT series
+    (:func:`~nodulenet.io.dicom_write.write_ct_series`) of one patient (``patient_id``) in two studies (own Study/Series/Frame of Reference UIDs, derived from the seed),
+    with StudyDates :data:`PRIOR_STUDY_DATE` and ``interval_days`` (whole days) later, as a follow-up exam has.
+    """
+    from datetime import date, timedelta
+
     from nodulenet.io.atomic import write_json_atomic
     from nodulenet.io.image_files import write_image
 
     out = Path(out_dir)
     prior, current, prior_labels, current_labels, truth = make_followup_pair(seed, **kwargs)
-    paths = {"prior": out / "prior.nii.gz", "current": out / "current.nii.gz",
-             "prior_labels": out / "prior_labels.nii.gz", "current_labels": out / "current_labels.nii.gz"}
-    for key, volume in zip(paths, (prior, current, prior_labels, current_labels)):
-        write_image(volume, paths[key])
+    labels = {"prior_labels": out / "prior_labels.nii.gz", "current_labels": out / "current_labels.nii.gz"}
+    for key, volume in zip(labels, (prior_labels, current_labels)):
+        write_image(volume, labels[key])
+    if fmt == "dicom":
+        from pydicom.uid import generate_uid
+
+        from nodulenet.io.dicom_write import SeriesIdentity, write_ct_series
+
+        first = date(int(PRIOR_STUDY_DATE[:4]), int(PRIOR_STUDY_DATE[4:6]), int(PRIOR_STUDY_DATE[6:]))
+        scans = {}
+        for name, volume, when in (("prior", prior, first), ("current", current,
+                                                               first + timedelta(days=round(truth.interval_days)))):
+            key = [f"nodulenet-followup-{seed}-{patient_id}", name]
+            identity = SeriesIdentity(
+                study_uid=generate_uid(entropy_srcs=[*key, "study"]),
+                series_uid=generate_uid(entropy_srcs=[*key, "series"]),
+                frame_of_reference_uid=generate_uid(entropy_srcs=[*key, "frame of reference"]), patient_id=patient_id,
+                patient_name="Followup^Phantom", study_description=f"NoduleNet follow-up phantom ({name})",
+                series_description=f"Synthetic chest CT, follow-up seed {seed}, {name} (not a patient)",
+                date=when.strftime("%Y%m%d"))
+            write_ct_series(volume, out / name, identity)
+            scans[name] = out / name
+    else:
+        scans = {"prior": out / f"prior.{fmt}", "current": out / f"current.{fmt}"}
+        for name, volume in (("prior", prior), ("current", current)):
+            write_image(volume, scans[name])
+    paths = {**scans, **labels}
     paths["truth"] = write_json_atomic(out / "truth.json", truth.to_dict())
     return paths
