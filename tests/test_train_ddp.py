@@ -35,7 +35,7 @@ def test_two_processes_hold_identical_weights(phantom_root: Path, tmp_path: Path
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "nodulenet.train", "train", "--config", str(config_file), "--out", str(out), "--no-progress"],
+         "-m", "nodulenet", "train", "--config", str(config_file), "--out", str(out), "--no-progress"],
         env=env, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -102,7 +102,7 @@ def test_sigkill_then_resume_from_the_command_line(phantom_root: Path, tmp_path:
     config_file = tmp_path / "cfg.yaml"
     config_file.write_text(yaml.safe_dump(cfg.to_dict()))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "nodulenet.train", "train", "--config", str(config_file), "--no-progress",
+    cmd = [sys.executable, "-m", "nodulenet", "train", "--config", str(config_file), "--no-progress",
            "--threads", "1"]
     subprocess.run([*cmd, "--out", str(tmp_path / "full")], check=True, env=env, capture_output=True)
     proc = subprocess.Popen([*cmd, "--out", str(tmp_path / "killed")], env=env, stdout=subprocess.DEVNULL,
