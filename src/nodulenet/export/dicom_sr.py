@@ -87,7 +87,7 @@ def _measurements(f: NoduleFinding, algorithm: hd.sr.AlgorithmIdentification) ->
     return items
 
 
-def _source_images_by_segment(segmentation: Dataset) -> dict[int, list[tuple[str, str]]]:
+def source_images_by_segment(segmentation: Dataset) -> dict[int, list[tuple[str, str]]]:
     """Segment number -> (SOP class, SOP instance) of the source slices its stored frames derive from.
 
     Read from the SEG itself so the SR says exactly what the SEG says. The segment of a frame is named per
@@ -115,7 +115,7 @@ def _source_images_by_segment(segmentation: Dataset) -> dict[int, list[tuple[str
     return sources
 
 
-def _segment_reference(segmentation: Dataset, segment_number: int, ct_series_uid: str,
+def segment_reference(segmentation: Dataset, segment_number: int, ct_series_uid: str,
                        sources: dict[int, list[tuple[str, str]]]) -> hd.sr.ReferencedSegment:
     """Reference to one SEG segment with the source slices it covers; a segment without stored frames (a
     finding without voxels) can only name the source series."""
@@ -141,7 +141,7 @@ def build_dicom_sr(findings: ScanFindings, segmentation: Dataset,
         raise ValueError(f"the DICOM SEG has no segment for finding(s) {missing}")
     algorithm = hd.sr.AlgorithmIdentification(name=MODEL_NAME, version=algorithm_version(findings))
     ct_series_uid = str(source_headers[0].SeriesInstanceUID)
-    sources = _source_images_by_segment(segmentation)
+    sources = source_images_by_segment(segmentation)
     groups = []
     for f in sorted(findings.findings, key=lambda f: f.id):
         sites = [hd.sr.FindingSite(anatomic_location=SITE_CODES[f.site or "lung"],
@@ -149,14 +149,14 @@ def build_dicom_sr(findings: ScanFindings, segmentation: Dataset,
         groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(uid=str(segments[f.id].TrackingUID),
                                                          identifier=_tracking_text(f)),
-            referenced_segment=_segment_reference(segmentation, f.id, ct_series_uid, sources),
+            referenced_segment=segment_reference(segmentation, f.id, ct_series_uid, sources),
             finding_type=codes.SCT.Nodule,
             finding_category=codes.SCT.MorphologicallyAbnormalStructure,
             algorithm_id=algorithm,
             finding_sites=sites,
             measurements=_measurements(f, algorithm),
         ))
-    return _document(groups, [*source_headers, segmentation])
+    return sr_document(groups, [*source_headers, segmentation])
 
 
 def build_no_findings_sr(findings: ScanFindings, source_headers: Sequence[Dataset]) -> hd.sr.Comprehensive3DSR:
@@ -173,10 +173,10 @@ def build_no_findings_sr(findings: ScanFindings, source_headers: Sequence[Datase
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(
             name=codes.DCM.CADProcessingAndFindingsSummary, value=codes.DCM.AllAlgorithmsSucceededWithoutFindings)],
     )
-    return _document([group], list(source_headers))
+    return sr_document([group], list(source_headers))
 
 
-def _document(groups: list, evidence: list[Dataset], *, series_number: int = SR_SERIES_NUMBER,
+def sr_document(groups: list, evidence: list[Dataset], *, series_number: int = SR_SERIES_NUMBER,
               series_description: str = SR_SERIES_DESCRIPTION) -> hd.sr.Comprehensive3DSR:
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,

@@ -43,7 +43,7 @@ def is_lidc_source(findings: ScanFindings, hu: Volume | None = None) -> bool:
     return any(part.upper().startswith("LIDC-IDRI") for part in Path(findings.source.path).parts)
 
 
-def _e(value: Any) -> str:
+def html_text(value: Any) -> str:
     """Escape anything for HTML text and attribute values."""
     return html.escape("" if value is None else str(value), quote=True)
 
@@ -55,7 +55,7 @@ def _type_text(f: Any) -> str:
     return f"{text}, solid {f.solid_component_mm:.1f} mm" if f.solid_component_mm is not None else text
 
 
-def _num(value: float | None, digits: int = 1) -> str:
+def number_text(value: float | None, digits: int = 1) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
@@ -63,7 +63,7 @@ def _triplet(values: Sequence[float], digits: int = 1) -> str:
     return "(" + ", ".join(f"{v:.{digits}f}" for v in values) + ")"
 
 
-_STYLE = """
+REPORT_STYLE = """
 body { font-family: sans-serif; margin: 2em; color: #222; max-width: 70em; }
 .disclaimer { border: 2px solid #b71c1c; background: #ffebee; color: #b71c1c; font-weight: bold;
               padding: 0.6em 1em; font-size: 1.15em; }
@@ -82,11 +82,11 @@ dd { margin: 0; word-break: break-all; }
 
 
 def _slice_cell(f: NoduleFinding, n_slices: int) -> str:
-    return "unknown" if f.centre_slice is None else _e(f.centre_slice.describe(n_slices))
+    return "unknown" if f.centre_slice is None else html_text(f.centre_slice.describe(n_slices))
 
 
 def _where_cell(f: NoduleFinding) -> str:
-    text = _e(f.location_text)
+    text = html_text(f.location_text)
     return text if f.site in (None, "lung") else f'<span class="flag">{text}</span>'
 
 
@@ -102,7 +102,7 @@ def _below_threshold_section(findings: ScanFindings, n_slices: int) -> list[str]
     return [
         '<div class="below">',
         f"<h2>Below the threshold: not findings ({len(below)})</h2>",
-        f"<p>The {len(below)} highest-scoring candidate(s) that scored less than {_e(threshold)}. They are NOT "
+        f"<p>The {len(below)} highest-scoring candidate(s) that scored less than {html_text(threshold)}. They are NOT "
         "reported as nodules (no outline, no DICOM SEG segment); they are listed so that a reader can look at "
         "what the model came closest to reporting.</p>",
         "<table>", "<thead><tr><th>Score</th><th class=\"text\">Centre slice</th>"
@@ -129,18 +129,18 @@ def render_report_html(findings: ScanFindings, hu: Volume, label_array: np.ndarr
     n_slices = hu.shape_zyx[0]
     parts = [
         "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
-        f"<title>NoduleNet report: {_e(src.patient_id or Path(src.path).name)}</title>",
-        f"<style>{_STYLE}</style>", "</head>", "<body>",
+        f"<title>NoduleNet report: {html_text(src.patient_id or Path(src.path).name)}</title>",
+        f"<style>{REPORT_STYLE}</style>", "</head>", "<body>",
         "<h1>NoduleNet lung nodule report</h1>",
-        f'<p class="disclaimer">{_e(DISCLAIMER)}</p>',
+        f'<p class="disclaimer">{html_text(DISCLAIMER)}</p>',
         "<dl>",
-        *(f"<dt>{_e(k)}</dt><dd>{_e(v) if v not in (None, '') else 'unknown'}</dd>" for k, v in header_rows),
+        *(f"<dt>{html_text(k)}</dt><dd>{html_text(v) if v not in (None, '') else 'unknown'}</dd>" for k, v in header_rows),
         "</dl>",
         f"<h2>Findings ({len(ordered)})</h2>",
     ]
     if not ordered:
         threshold = "" if findings.threshold is None else f" with a score of at least {findings.threshold:g}"
-        parts.append(f"<p>No nodule was found{_e(threshold)}.</p>")
+        parts.append(f"<p>No nodule was found{html_text(threshold)}.</p>")
     else:
         parts += [
             "<table>", "<thead><tr>",
@@ -152,14 +152,14 @@ def render_report_html(findings: ScanFindings, hu: Volume, label_array: np.ndarr
         ]
         for f in ordered:
             parts.append(
-                f"<tr><td>{f.id}</td><td>{f.score:.3f}</td><td>{_num(f.diameter_mm)}</td>"
-                f"<td>{_num(f.equivalent_diameter_mm)}</td><td>{_num(f.volume_mm3, 0)}</td>"
-                f"<td>{_num(f.mean_hu, 0)}</td>"
+                f"<tr><td>{f.id}</td><td>{f.score:.3f}</td><td>{number_text(f.diameter_mm)}</td>"
+                f"<td>{number_text(f.equivalent_diameter_mm)}</td><td>{number_text(f.volume_mm3, 0)}</td>"
+                f"<td>{number_text(f.mean_hu, 0)}</td>"
                 f"<td class=\"text\">{_triplet(f.center_world_xyz_mm)}</td>"
                 f"<td class=\"text\">{_triplet(f.center_zyx)}</td>"
                 f"<td class=\"text\">{_where_cell(f)}</td>"
                 f"<td class=\"text\">{_slice_cell(f, n_slices)}</td>"
-                f"<td class=\"text\">{_e(_type_text(f))}</td><td>{_num(f.mean_diameter_mm)}</td></tr>"
+                f"<td class=\"text\">{html_text(_type_text(f))}</td><td>{number_text(f.mean_diameter_mm)}</td></tr>"
             )
         parts += ["</tbody>", "</table>",
                   "<p>Centre slice: the DICOM image number (InstanceNumber) and z position of the slice through "
@@ -177,8 +177,8 @@ def render_report_html(findings: ScanFindings, hu: Volume, label_array: np.ndarr
                       "</div>"]
     parts += _below_threshold_section(findings, n_slices)
     if lidc if lidc is not None else is_lidc_source(findings, hu):
-        parts.append(f'<p class="credit">{_e(LIDC_CREDIT)}</p>')
-    parts += [f'<p class="credit">{_e(DISCLAIMER)}</p>', "</body>", "</html>", ""]
+        parts.append(f'<p class="credit">{html_text(LIDC_CREDIT)}</p>')
+    parts += [f'<p class="credit">{html_text(DISCLAIMER)}</p>', "</body>", "</html>", ""]
     return "\n".join(parts)
 
 

@@ -36,8 +36,8 @@ from pydicom.sr.codedict import codes
 
 from nodulenet.errors import InputError
 from nodulenet.export.dicom_source import MODEL_NAME, algorithm_version, read_source_headers, save_dataset
-from nodulenet.export.dicom_sr import (UNIT_MM, UNIT_MM3, UNIT_PERCENT, _document, _segment_reference,
-                                       _source_images_by_segment)
+from nodulenet.export.dicom_sr import (UNIT_MM, UNIT_MM3, UNIT_PERCENT, sr_document, segment_reference,
+                                       source_images_by_segment)
 from nodulenet.io.findings import ScanFindings
 from nodulenet.io.volume import Volume
 
@@ -122,7 +122,7 @@ def _nodule_group(nodule: dict[str, Any], algorithm: hd.sr.AlgorithmIdentificati
         group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(uid=str(segments[current_id].TrackingUID),
                                                          identifier=_tracking_text(nodule)),
-            referenced_segment=_segment_reference(segmentation, current_id, ct_series_uid, sources),
+            referenced_segment=segment_reference(segmentation, current_id, ct_series_uid, sources),
             finding_category=codes.SCT.MorphologicallyAbnormalStructure, **common)
     else:
         group = hd.sr.MeasurementsAndQualitativeEvaluations(
@@ -157,13 +157,13 @@ def build_comparison_sr(comparison: dict[str, Any], current: ScanFindings, sourc
     """
     algorithm = hd.sr.AlgorithmIdentification(name=MODEL_NAME, version=algorithm_version(current))
     segments = {} if segmentation is None else {int(s.SegmentNumber): s for s in segmentation.SegmentSequence}
-    sources = {} if segmentation is None else _source_images_by_segment(segmentation)
+    sources = {} if segmentation is None else source_images_by_segment(segmentation)
     ct_series_uid = str(source_headers[0].SeriesInstanceUID)
     groups = [_nodule_group(n, algorithm, segmentation, segments, sources, ct_series_uid)
               for n in comparison["nodules"]]
     groups.append(_exam_group(comparison, algorithm))
     evidence = [*source_headers, *([segmentation] if segmentation is not None else [])]
-    return _document(groups, evidence, series_number=SERIES_NUMBER, series_description=SERIES_DESCRIPTION)
+    return sr_document(groups, evidence, series_number=SERIES_NUMBER, series_description=SERIES_DESCRIPTION)
 
 
 def write_comparison_sr(comparison: dict[str, Any], current: ScanFindings, current_hu: Volume, result_dir: Path,

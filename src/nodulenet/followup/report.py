@@ -14,7 +14,7 @@ from typing import Any
 
 from nodulenet.export.figures import nodule_figure_png
 from nodulenet.export.labelmap import label_array_from_findings
-from nodulenet.export.report import DISCLAIMER, LIDC_CREDIT, _STYLE, _e, _num, is_lidc_source
+from nodulenet.export.report import DISCLAIMER, LIDC_CREDIT, REPORT_STYLE, html_text, is_lidc_source, number_text
 from nodulenet.io.atomic import write_text_atomic
 
 _STATUS_TEXT = {"persistent": "persistent", "new": "NEW", "resolved": "resolved (not seen now)"}
@@ -32,7 +32,7 @@ def _size(side: dict[str, Any] | None) -> str:
     if side is None:
         return "-"
     solid = f", solid {side['solid_component_mm']:.1f}" if side.get("solid_component_mm") is not None else ""
-    return f"{side['mean_diameter_mm']:.1f} mm{solid}; {_num(side['volume_mm3'], 0)} mm&sup3;"
+    return f"{side['mean_diameter_mm']:.1f} mm{solid}; {number_text(side['volume_mm3'], 0)} mm&sup3;"
 
 
 def comparison_html(comparison: dict[str, Any], prior: Any, current: Any) -> str:
@@ -45,30 +45,30 @@ def comparison_html(comparison: dict[str, Any], prior: Any, current: Any) -> str
         lr = n.get("lung_rads") or {}
         vdt = n.get("volume_doubling_time_days")
         rows.append(
-            f"<tr><td>{k}</td><td class='text'>{_e(_STATUS_TEXT[n['status']])}</td>"
-            f"<td class='text'>{_e(side['nodule_type'].replace('_', '-'))}</td>"
+            f"<tr><td>{k}</td><td class='text'>{html_text(_STATUS_TEXT[n['status']])}</td>"
+            f"<td class='text'>{html_text(side['nodule_type'].replace('_', '-'))}</td>"
             f"<td class='text'>{_size(n['prior'])}</td><td class='text'>{_size(n['current'])}</td>"
-            f"<td>{_num(n.get('mean_diameter_change_mm'))}</td><td>{_num(n.get('volume_change_percent'), 0)}</td>"
+            f"<td>{number_text(n.get('mean_diameter_change_mm'))}</td><td>{number_text(n.get('volume_change_percent'), 0)}</td>"
             f"<td>{'n/a' if vdt is None else f'{vdt:.0f}'}</td>"
-            f"<td class='text'>{_e(lr.get('category', '-'))} {_e(lr.get('rule', ''))}</td></tr>")
+            f"<td class='text'>{html_text(lr.get('category', '-'))} {html_text(lr.get('rule', ''))}</td></tr>")
         prior_id = n["prior"]["finding_id"] if n["prior"] else None
         current_id = n["current"]["finding_id"] if n["current"] else None
-        pictures.append(f"<h3>Nodule {k}: {_e(_STATUS_TEXT[n['status']])}</h3><table><tr><th>prior</th>"
+        pictures.append(f"<h3>Nodule {k}: {html_text(_STATUS_TEXT[n['status']])}</h3><table><tr><th>prior</th>"
                         f"<th>current</th></tr><tr>{_picture(prior, labels[id(prior)], prior_id)}"
                         f"{_picture(current, labels[id(current)], current_id)}</tr></table>")
     lidc = any(is_lidc_source(tp.findings, tp.hu) for tp in (prior, current))
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>NoduleNet follow-up comparison</title>
-<style>{_STYLE}</style></head><body>
-<p class="disclaimer">{_e(DISCLAIMER)} {_e(comparison['notice'])}.</p>
+<style>{REPORT_STYLE}</style></head><body>
+<p class="disclaimer">{html_text(DISCLAIMER)} {html_text(comparison['notice'])}.</p>
 <h1>Follow-up comparison</h1>
 <table>
-<tr><th class="text">prior</th><td class="text">{_e(comparison['prior']['scan'])} ({_e(comparison['prior']['study_date'] or 'no date')})</td></tr>
-<tr><th class="text">current</th><td class="text">{_e(comparison['current']['scan'])} ({_e(comparison['current']['study_date'] or 'no date')})</td></tr>
-<tr><th class="text">interval</th><td class="text">{comparison['interval_days']:.0f} days ({_e(comparison['interval_source'])})</td></tr>
-<tr><th class="text">patient</th><td class="text">{_e(comparison['patient_identity'])}</td></tr>
+<tr><th class="text">prior</th><td class="text">{html_text(comparison['prior']['scan'])} ({html_text(comparison['prior']['study_date'] or 'no date')})</td></tr>
+<tr><th class="text">current</th><td class="text">{html_text(comparison['current']['scan'])} ({html_text(comparison['current']['study_date'] or 'no date')})</td></tr>
+<tr><th class="text">interval</th><td class="text">{comparison['interval_days']:.0f} days ({html_text(comparison['interval_source'])})</td></tr>
+<tr><th class="text">patient</th><td class="text">{html_text(comparison['patient_identity'])}</td></tr>
 <tr><th class="text">registration</th><td class="text">lung overlap (Dice) {reg['lung_dice_before']:.3f} before, {reg['lung_dice_after']:.3f} after</td></tr>
-<tr><th class="text">Lung-RADS v2022 (exam)</th><td class="text"><b>{_e(exam['category'])}</b>: {_e(exam['rule'])}</td></tr>
+<tr><th class="text">Lung-RADS v2022 (exam)</th><td class="text"><b>{html_text(exam['category'])}</b>: {html_text(exam['rule'])}</td></tr>
 </table>
 <table><tr><th>#</th><th class="text">status</th><th class="text">type</th><th class="text">prior (mean diameter; volume)</th>
 <th class="text">current</th><th>&Delta; mean diameter (mm)</th><th>&Delta; volume (%)</th><th>VDT (days)</th>
@@ -76,7 +76,7 @@ def comparison_html(comparison: dict[str, Any], prior: Any, current: Any) -> str
 {''.join(rows) or "<tr><td colspan='9' class='text'>no nodule in either scan</td></tr>"}
 </table>
 {''.join(pictures)}
-{f'<p>{_e(LIDC_CREDIT)}</p>' if lidc else ''}
+{f'<p>{html_text(LIDC_CREDIT)}</p>' if lidc else ''}
 </body></html>
 """
 
