@@ -74,59 +74,114 @@ def _threshold_for_top_k(predictor: Any, series: Path, k: int) -> float:
     return float(scores[min(k, len(scores)) - 1]) if scores else 1.0
 
 
-def _variant(name: str, series: str, out_root: str, demo_weights: str | None, queue: Any) -> None:
+def _use_source(src: str | None) -> None:
+    """Child process: import nodulenet from ``src`` (another checkout's ``src/``) instead of this one."""
+    if src:
+        sys.path.insert(0, src)
+
+
+def _weights_for(name: str, work: Path, demo_weights: str | None) -> tuple[Path, str]:
+    if name.startswith("published"):
+        return _random_checkpoint("published", work / "random.pt"), "random init (timing only)"
+    if demo_weights:
+        return Path(demo_weights), f"trained demo weights {demo_weights}"
+    return _random_checkpoint("tiny", work / "random.pt"), "random init (timing only)"
+
+
+def _options(weights: Path, spec: dict[str, Any], threshold: float | None) -> Any:
+    """PredictOptions of a variant; ``runtime`` only where that code has it (the baseline may not)."""
+    from nodulenet.predict_api import PredictOptions
+
+    kwargs: dict[str, Any] = {"weights": weights, "channels_last": spec["channels_last"],
+                              "precision": spec.get("precision", "auto")}
+    if threshold is not None:
+        kwargs["threshold"] = threshold
+    if "runtime" in {f.name for f in dataclasses.fields(PredictOptions)} and spec.get("runtime"):
+        kwargs["runtime"] = spec["runtime"]
+    return PredictOptions(**kwargs)
+
+
+def _pre_pass(spec: dict[str, Any], series: str, out_root: str, demo_weights: str | None, queue: Any) -> None:
+    """Child process: the threshold that gives a random-init network FINDINGS_FOR_RANDOM_WEIGHTS findings (with
+    the variant's own code and precision), in its own process so the timed run's peak RSS is its own."""
+    _use_source(spec.get("src"))
+    from nodulenet.predict_api import Predictor
+
+    work = Path(out_root) / f"{spec['name']}_pre"
+    work.mkdir(parents=True)
+    weights, _ = _weights_for(spec["name"], work, demo_weights)
+    queue.put(_threshold_for_top_k(Predictor(_options(weights, spec, None)), Path(series),
+                                   FINDINGS_FOR_RANDOM_WEIGHTS))
+
+
+def _variant(spec: dict[str, Any], series: str, out_root: str, demo_weights: str | None, queue: Any) -> None:
     """Child process: one timed ``predict`` of the scan; puts its figures on ``queue``."""
+    _use_source(spec.get("src"))
+    import nodulenet
     import torch
 
     from nodulenet.infer.cohort import Shard
-    from nodulenet.predict_api import PredictOptions, Predictor, predict_scans
+    from nodulenet.predict_api import Predictor, predict_scans
 
+    name = spec["name"]
     work = Path(out_root) / name
     work.mkdir(parents=True)
-    channels_last = not name.endswith("contiguous")
-    if name.startswith("published"):
-        weights, weights_note = _random_checkpoint("published", work / "random.pt"), "random init (timing only)"
-    elif demo_weights:
-        weights, weights_note = Path(demo_weights), f"trained demo weights {demo_weights}"
-    else:
-        weights, weights_note = _random_checkpoint("tiny", work / "random.pt"), "random init (timing only)"
-    random_init = weights_note.startswith("random")
-    options = PredictOptions(weights=weights, channels_last=channels_last)
-    threshold_note = "default threshold 0.5"
-    if random_init:
-        predictor = Predictor(options)
-        t = _threshold_for_top_k(predictor, Path(series), FINDINGS_FOR_RANDOM_WEIGHTS)
-        options = dataclasses.replace(options, threshold=t)
-        threshold_note = (f"threshold {t:.6f} = score of the {FINDINGS_FOR_RANDOM_WEIGHTS}th detection "
-                          "(untimed pre-pass)")
-    predictor = Predictor(options)
+    weights, weights_note = _weights_for(name, work, demo_weights)
+    threshold = spec.get("threshold")
+    threshold_note = "default threshold 0.5" if threshold is None else (
+        f"threshold {threshold:.6f} = score of the {FINDINGS_FOR_RANDOM_WEIGHTS}th detection (untimed pre-pass "
+        "in another process, same code and precision)")
+    predictor = Predictor(_options(weights, spec, threshold))
     load_start = list(os.getloadavg())
     t0, c0 = time.perf_counter(), time.process_time()
     run = predict_scans([series], work / "out", shard=Shard(0, 1, 0), predictor=predictor)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     (result,) = run.results
     queue.put({
+        "code": spec.get("code", "this checkout"),
+        "nodulenet_from": str(Path(nodulenet.__file__).parent),
         "status": result.status,
         "error": result.error,
         "weights": weights_note,
         "threshold": threshold_note,
         "network": predictor.loaded.net_config.name,
         "parameters": sum(p.numel() for p in predictor.loaded.model.parameters()),
-        "channels_last": channels_last,
+        "channels_last": predictor.channels_last,
         "precision": predictor.precision,
+        "runtime": getattr(predictor, "runtime", "torch"),
         "torch_threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "wall_s": round(wall, 2),
         "cpu_s": round(cpu, 2),
         "stage_seconds": result.stage_seconds,
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1),
-        "peak_rss_note": "whole process, including the untimed pre-pass" if random_init else "whole process",
+        "peak_rss_note": "whole process (model load + one predict)",
         "n_findings": result.n_findings,
         "details": {k: v for k, v in result.details.items() if k not in ("files",)},
         "outputs": sorted(Path(p).name for p in result.details.get("files", {}).values()),
         "load_average_start": load_start,
         "load_average_end": list(os.getloadavg()),
     })
+
+
+def _in_child(context: Any, target: Any, *args: Any) -> Any:
+    queue = context.Queue()
+    child = context.Process(target=target, args=(*args, queue))
+    child.start()
+    result = queue.get()
+    child.join()
+    return result
+
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    # name -> settings; "published*" use random-init published-size weights, "demo*" the shipped demo model.
+    "demo": {"channels_last": True},
+    "published": {"channels_last": True},
+    "published_fp32": {"channels_last": True, "precision": "fp32"},
+    "published_contiguous": {"channels_last": False, "precision": "fp32"},
+    "published_onnx": {"channels_last": True, "runtime": "onnx"},
+    "published_openvino": {"channels_last": True, "runtime": "openvino"},
+}
 
 
 # LUNA16 annotations.csv: the one nodule of LIDC-IDRI-0001 (world LPS mm, x y z), 23.4 mm.
@@ -199,6 +254,22 @@ def bf16_check(series: Path, weights: Path, crop: int) -> dict[str, Any]:
     }
 
 
+def _cpu_flags() -> dict[str, Any]:
+    """What decides bf16 on this CPU: the /proc/cpuinfo flags and torch's view of them."""
+    import torch
+
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    return {"avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags, "avx2": "avx2" in flags,
+            "avx512f": "avx512f" in flags, "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
 def _series_dir(data: Path) -> Path:
     found = [p.parent for p in (data / "LIDC-IDRI" / PATIENT).glob("*/*/*.xml")]
     if len(found) != 1:
@@ -212,7 +283,11 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path(os.environ.get(
         "NODULENET_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")))
     parser.add_argument("--demo-weights", type=Path, default=SHIPPED_DEMO if SHIPPED_DEMO.is_file() else None)
-    parser.add_argument("--variants", nargs="*", default=None, help="subset of: demo published published_contiguous")
+    parser.add_argument("--variants", nargs="*", default=None, choices=sorted(VARIANTS),
+                        help="default: demo published published_fp32")
+    parser.add_argument("--baseline-src", type=Path, default=None,
+                        help="also run each variant with the nodulenet under this src/ folder (e.g. main's), "
+                             "default settings, in the same run: the before/after ratio")
     parser.add_argument("--bf16-check", action="store_true", help="only compare fp32 and (emulated) bf16 detections "
                                                                   "on a crop around the nodule (needs --demo-weights)")
     parser.add_argument("--crop", type=int, default=96, help="crop size of --bf16-check (voxels)")
@@ -224,27 +299,47 @@ def main() -> None:
         print(check)
         record("predict_bf16_check", {"load_average_at_start": list(os.getloadavg()), **check})
         return
-    variants = args.variants or (["demo"] if args.quick else ["demo", "published", "published_contiguous"])
+    variants = args.variants or (["demo"] if args.quick else ["demo", "published", "published_fp32"])
     # As ``nodulenet predict`` does (nodulenet.infer.cli): idle OpenMP threads sleep; children inherit it.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     series = _series_dir(args.data)
-    figures: dict[str, Any] = {"scan": PATIENT, "variants": {}}
+    figures: dict[str, Any] = {"scan": PATIENT, "variants": {}, "cpu_flags": _cpu_flags()}
     context = multiprocessing.get_context("spawn")
+    demo = str(args.demo_weights) if args.demo_weights else None
+    specs = []
+    for name in variants:
+        spec = {"name": name, **VARIANTS[name]}
+        if args.baseline_src:  # today's code first, then this checkout, side by side in one run
+            baseline = {"name": f"{name}@baseline", "channels_last": spec["channels_last"],
+                        "src": str(args.baseline_src.resolve()), "code": f"baseline {args.baseline_src}"}
+            specs.append((name, baseline))
+        specs.append((name, spec))
     with tempfile.TemporaryDirectory(prefix="predict_speed_") as tmp:
-        for name in variants:
-            queue = context.Queue()
-            demo = str(args.demo_weights) if args.demo_weights else None
-            child = context.Process(target=_variant, args=(name, str(series), tmp, demo, queue))
-            child.start()
-            result = queue.get()
-            child.join()
+        for name, spec in specs:
+            if name.startswith("published") or not demo:
+                spec["threshold"] = _in_child(context, _pre_pass, spec, str(series), tmp, demo)
+            result = _in_child(context, _variant, spec, str(series), tmp, demo)
             if result["status"] != "done":
-                raise SystemExit(f"{name} failed: {result['error']}")
-            figures["variants"][name] = result
+                raise SystemExit(f"{spec['name']} failed: {result['error']}")
+            figures["variants"][spec["name"]] = result
             stages = ", ".join(f"{k[:-2]} {v:.1f}" for k, v in result["stage_seconds"].items())
-            print(f"{name} ({result['network']}, {result['weights']}): {result['wall_s']:.1f} s wall [{stages}], "
+            print(f"{spec['name']} ({result['network']}, {result['precision']}/{result['runtime']}, "
+                  f"{result['weights']}): {result['wall_s']:.1f} s wall [{stages}], "
                   f"peak RSS {result['peak_rss_mib']:.0f} MiB, {result['n_findings']} findings, "
-                  f"load {result['load_average_start'][0]:.1f}->{result['load_average_end'][0]:.1f}")
+                  f"load {result['load_average_start'][0]:.1f}->{result['load_average_end'][0]:.1f}", flush=True)
+    ratios = {}
+    for name in variants:
+        old, new = figures["variants"].get(f"{name}@baseline"), figures["variants"].get(name)
+        if old and new:
+            ratios[name] = {"wall_baseline_over_new": round(old["wall_s"] / new["wall_s"], 2),
+                            "peak_rss_baseline_over_new": round(old["peak_rss_mib"] / new["peak_rss_mib"], 2),
+                            "stage_baseline_over_new": {
+                                k: round(old["stage_seconds"][k] / new["stage_seconds"][k], 2)
+                                for k in new["stage_seconds"] if old["stage_seconds"].get(k) and new["stage_seconds"][k]}}
+            print(f"{name}: baseline {old['wall_s']:.1f} s / new {new['wall_s']:.1f} s = "
+                  f"{ratios[name]['wall_baseline_over_new']:.2f}x; peak RSS {old['peak_rss_mib']:.0f} -> "
+                  f"{new['peak_rss_mib']:.0f} MiB")
+    figures["ratios"] = ratios
     figures["machine_note"] = machine_info().get("cpu")
     record("predict_speed_quick" if args.quick else "predict_speed", figures)
 

@@ -51,7 +51,8 @@ class PredictOptions:
     device: str = "cpu"
     threshold: float = 0.5  # detections scoring at least this become findings (with masks)
     max_memory_gb: float | None = None  # CPU: limit for the whole process; CUDA: for the network on the GPU
-    precision: str = "auto"  # "auto" (fp32), "fp32" or "bf16"
+    precision: str = "auto"  # "auto" (bf16 backbone on a CPU with native bf16, else fp32), "fp32" or "bf16"
+    runtime: str = "auto"  # what runs the backbone: "auto" (= torch), "torch", "onnx" or "openvino"
     label_format: str = "nii.gz"
     dicom_outputs: bool = True  # DICOM SEG + SR for DICOM input
     redo: bool = False  # recompute scans whose complete output already matches this model and threshold
@@ -139,6 +140,7 @@ class Predictor:
 
     def __init__(self, options: PredictOptions | None = None, *, weights_dir: Path | None = None) -> None:
         from nodulenet.infer.network import resolve_precision
+        from nodulenet.infer.runtimes import make_backbone, resolve_runtime
         from nodulenet.infer.weights import load_model
 
         import torch
@@ -150,7 +152,12 @@ class Predictor:
         if self.options.threads is not None:
             torch.set_num_threads(int(self.options.threads))
         self.loaded = load_model(self.options.weights, self.options.device, weights_dir=weights_dir)
-        self.precision = resolve_precision(self.options.precision, self.options.device)
+        if self.options.runtime in ("onnx", "openvino") and self.options.precision == "auto":
+            self.precision = "fp32"  # those runtimes run fp32 here (infer/runtimes.py)
+        else:
+            self.precision = resolve_precision(self.options.precision, self.options.device)
+        self.runtime = resolve_runtime(self.options.runtime, self.options.device, self.precision)
+        self.backbone = make_backbone(self.loaded.model, self.runtime, self.precision, self.options.device)
         self.channels_last = (self.options.channels_last if self.options.channels_last is not None
                               else not self.options.device.startswith("cuda"))
         for note in self.loaded.notes:
@@ -159,7 +166,8 @@ class Predictor:
     @property
     def model_info(self) -> ModelInfo:
         return ModelInfo(name=f"NoduleNet ({self.loaded.name})", version=nodulenet.__version__,
-                         weights_sha256=self.loaded.weights_sha256, config_sha256=self.loaded.config_sha256)
+                         weights_sha256=self.loaded.weights_sha256, config_sha256=self.loaded.config_sha256,
+                         runtime=self.runtime, precision=self.precision)
 
     def describe(self) -> dict[str, Any]:
         """Everything that decides the results (written to ``predict_config.json``)."""
@@ -167,6 +175,7 @@ class Predictor:
             "nodulenet_version": nodulenet.__version__,
             "options": self.options.to_dict(),
             "precision": self.precision,
+            "runtime": self.runtime,
             "channels_last": self.channels_last,
             "model": {**self.model_info.to_dict(), "weights_path": str(self.loaded.weights_path),
                       "shipped": self.loaded.shipped, "notes": self.loaded.notes},
@@ -191,7 +200,7 @@ class Predictor:
         try:
             net = run_network(self.loaded.model, prepared.image, device=opts.device, precision=self.precision,
                               mask_threshold=opts.threshold, memory_budget_bytes=budget,
-                              channels_last=self.channels_last)
+                              channels_last=self.channels_last, backbone=self.backbone, runtime=self.runtime)
         except MemoryBudgetError as exc:
             limit = f"--max-memory {opts.max_memory_gb} GB" if opts.max_memory_gb else "the memory available now"
             raise NoduleNetError(f"{limit} leaves too little for the network: {exc}") from None
@@ -222,6 +231,7 @@ class Predictor:
             "tiles": len(net.tiles),
             "network_budget_gib": None if budget is None else round(budget / 2**30, 3),
             "precision": net.precision,
+            "runtime": net.runtime,
             "preprocess_stage_seconds": prepared.stage_seconds,
         }
         result = ScanFindings(source=ScanSource.from_volume_meta(ct.meta), geometry=ct.geometry, findings=findings,

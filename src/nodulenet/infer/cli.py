@@ -89,12 +89,12 @@ def _stage_line(result: Any) -> str:
 
 
 def _options(weights: Optional[Path], device: str, threshold: float, max_memory: Optional[float], precision: str,
-             label_format: str, no_dicom: bool, redo: bool, threads: Optional[int]) -> Any:
+             label_format: str, no_dicom: bool, redo: bool, threads: Optional[int], runtime: str = "auto") -> Any:
     from nodulenet.predict_api import PredictOptions
 
     return PredictOptions(weights=weights, device=device, threshold=threshold, max_memory_gb=max_memory,
                           precision=precision, label_format=label_format, dicom_outputs=not no_dicom, redo=redo,
-                          threads=threads)
+                          threads=threads, runtime=runtime)
 
 
 def predict_cmd(
@@ -108,8 +108,11 @@ def predict_cmd(
     threshold: float = typer.Option(0.5, "--threshold", help="Report detections scoring at least this (0..1)."),
     max_memory: Optional[float] = typer.Option(None, "--max-memory", help="Memory limit in GB; a scan that would "
                                                                           "not fit runs in overlapping tiles."),
-    precision: str = typer.Option("auto", "--precision", help="fp32, bf16 (bf16 autocast; needs bf16 hardware) or "
-                                                              "auto (= fp32)."),
+    precision: str = typer.Option("auto", "--precision", help="fp32, bf16 (the backbone in bf16; needs bf16 "
+                                                              "hardware) or auto (bf16 where the CPU has it "
+                                                              "natively, else fp32)."),
+    runtime: str = typer.Option("auto", "--runtime", help="What runs the backbone: torch, onnx (ONNX Runtime), "
+                                                          "openvino, or auto (= torch, the fastest measured)."),
     label_format: str = typer.Option("nii.gz", "--label-format", help="Label map format: nii.gz, nii or nrrd."),
     no_dicom: bool = typer.Option(False, "--no-dicom", help="Do not write DICOM SEG/SR for DICOM input."),
     redo: bool = typer.Option(False, "--redo", help="Recompute scans whose complete output is already there."),
@@ -135,7 +138,8 @@ def predict_cmd(
     from nodulenet.errors import NoduleNetError
     from nodulenet.predict_api import predict_scans
 
-    options = _options(weights, device, threshold, max_memory, precision, label_format, no_dicom, redo, threads)
+    options = _options(weights, device, threshold, max_memory, precision, label_format, no_dicom, redo, threads,
+                       runtime)
     console = _console()
     if server and remote:
         raise NoduleNetError("--server and --remote are two ways to run elsewhere: give one of them")
@@ -153,6 +157,7 @@ def predict_cmd(
         # The server runs its own model on its own device: options that choose those here would be ignored.
         local_only = {"--weights": weights is not None, "--device": device != "cpu",
                       "--max-memory": max_memory is not None, "--precision": precision != "auto",
+                      "--runtime": runtime != "auto",
                       "--threads": threads is not None}
         given = [flag for flag, used in local_only.items() if used]
         if given:

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from nodulenet.infer.runtimes import Backbone, torch_bf16_backbone
 from nodulenet.infer.tiling import Tile, plan_tiles
 
 PRECISIONS = ("fp32", "bf16")
@@ -43,6 +44,7 @@ class NetworkOutput:
     n_proposals: int = 0
     tiles: list[Tile] = field(default_factory=list)
     precision: str = "fp32"
+    runtime: str = "torch"
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -94,19 +96,17 @@ def _to_input(image_u8: np.ndarray, device: str, channels_last: bool = False) ->
 
 
 def _predict_tile(model: Any, x: Any, mask_threshold: float | None, core: tuple[np.ndarray, np.ndarray] | None,
-                  precision: str) -> dict[str, Any]:
-    """Detections of one input tensor ``[1, 1, Z, Y, X]`` (tile-local voxels), owned ones only if ``core``."""
+                  precision: str, backbone: Backbone | None = None) -> dict[str, Any]:
+    """Detections of one input tensor ``[1, 1, Z, Y, X]`` (tile-local voxels), owned ones only if ``core``.
+
+    ``backbone``: what runs the backbone (:mod:`.runtimes`); by default the model's own, in bf16 for ``bf16``.
+    """
     import torch
 
-    device_type = "cuda" if x.is_cuda else "cpu"
     stages = ("rpn", "rcnn") if mask_threshold is None else ("rpn", "rcnn", "mask")
     region = None if core is None else (core[0].tolist(), core[1].tolist())
-    backbone = None
-    if precision == "bf16":
-        def backbone(xp: Any) -> Any:
-            with torch.autocast(device_type, dtype=torch.bfloat16):
-                features = model.feature_net(xp)
-            return type(features)(*(f.float() for f in features))
+    if backbone is None and precision == "bf16":
+        backbone = torch_bf16_backbone(model, "cuda" if x.is_cuda else "cpu")
     with torch.inference_mode():
         det = model.predict(x, stages=stages, mask_min_score=mask_threshold, keep_centres_within=region,
                             backbone=backbone)[0]
@@ -122,12 +122,14 @@ def _predict_tile(model: Any, x: Any, mask_threshold: float | None, core: tuple[
 
 def run_network(model: Any, image_u8: np.ndarray, *, device: str = "cpu", precision: str = "fp32",
                 mask_threshold: float | None = 0.5, memory_budget_bytes: float | None = None,
-                channels_last: bool = False) -> NetworkOutput:
+                channels_last: bool = False, backbone: Backbone | None = None,
+                runtime: str = "torch") -> NetworkOutput:
     """Detections (+ masks for scores >= ``mask_threshold``; None: no masks) of the whole preprocessed image.
 
     ``channels_last``: run the network in ``channels_last_3d`` memory format (the model is converted in place). On
     the AVX2 build machine it made fp32 15-25% faster (published backbone on LIDC-IDRI-0001: 18 s vs 21 s) with
     the same findings (boxes within 1e-5 voxel, scores within 3e-7); ``nodulenet predict`` turns it on for CPU.
+    ``backbone``/``runtime``: what runs the backbone (:func:`.runtimes.make_backbone`) and its name, recorded.
     """
     import torch
 
@@ -148,7 +150,7 @@ def run_network(model: Any, image_u8: np.ndarray, *, device: str = "cpu", precis
         core = None
         if len(tiles) > 1:
             core = (np.asarray(tile.core_start) - offset, np.asarray(tile.core_stop) - offset)
-        out = _predict_tile(model, x, mask_threshold, core, precision)
+        out = _predict_tile(model, x, mask_threshold, core, precision, backbone)
         del x
         n_proposals += out["n_proposals"]
         shift = np.concatenate([offset, offset])
@@ -185,5 +187,6 @@ def run_network(model: Any, image_u8: np.ndarray, *, device: str = "cpu", precis
         n_proposals=n_proposals,
         tiles=tiles,
         precision=precision,
+        runtime=runtime,
         stage_seconds={"network": round(t_net - t0, 3), "merge": round(time.perf_counter() - t_net, 3)},
     )
