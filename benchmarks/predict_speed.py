@@ -5,24 +5,30 @@ breakdown: read (DICOM), preprocess (resample, lung mask, normalise, crop), netw
 head on the findings), post-process (mapping back to the original grid + measurements), export (nodules.json,
 candidates.csv, label map, DICOM SEG + SR, report.html).
 
-Variants:
+Variants (``--variants``; default ``demo published published_fp32``):
 
-- ``published``: the default (published-size, 17 M parameter) network, RANDOM-INIT weights: TIMING ONLY.
+- ``published``: the default (published-size, 17 M parameter) network, RANDOM-INIT weights: TIMING ONLY, with
+  ``predict``'s defaults (``--precision auto``: the backbone in bf16 where the CPU has native bf16).
   A random network scores about half of its boxes above 0.5, so the default threshold would run the mask head on
-  hundreds of meaningless detections; instead a first, untimed detection pass finds the score of the 10th best
-  detection and the timed run uses it as ``--threshold``: 10 findings with masks, a realistic load.
-- ``published_contiguous``: the same in the default contiguous memory format (``predict`` uses
-  ``channels_last_3d`` on CPU).
+  hundreds of meaningless detections; instead a first, untimed detection pass (in its own process, same code and
+  precision) finds the score of the 10th best detection and the timed run uses it as ``--threshold``: 10 findings
+  with masks, a realistic load.
+- ``published_fp32``: the same in fp32 (today's numerics); ``published_contiguous``: fp32 without
+  ``channels_last_3d``; ``published_onnx`` / ``published_openvino``: the backbone in ONNX Runtime / OpenVINO.
 - ``demo``: the demo-size (quarter-width) network: the shipped/trained demo weights when found (``--demo-weights``,
   else ``src/nodulenet/weights/demo.pt``) at the default threshold 0.5; random-init with the 10-findings rule
   otherwise (timing only; the record says which).
 
-bf16 speed is not measured here: the build machines' CPUs have no native bf16 (AVX2 only); PyTorch's emulated
-bf16 convolutions run 10-100x slower than fp32 there, so ``nodulenet predict`` refuses bf16 on such a CPU.
-``--bf16-check`` instead compares the DETECTIONS of fp32 and (emulated) bf16 autocast on a crop around the nodule
-(``benchmarks/results/predict_bf16_check.json``).
+``--baseline-src PATH`` (e.g. ``/path/to/main/src``) also runs ``demo`` and ``published`` with the nodulenet under
+PATH, default settings, each just before this checkout's run: the before/after ratio in one run (the machine's load
+changes from minute to minute; the load average is recorded at the start and end of each variant). The CPU flags
+that decide bf16 (``/proc/cpuinfo``, ``torch.backends.cpu.get_cpu_capability()``) are recorded too.
 
-    .venv/bin/python benchmarks/predict_speed.py [--quick] [--data PATH] [--demo-weights PATH]
+``--bf16-check`` compares the DETECTIONS of fp32 and bf16 autocast on a crop around the nodule
+(``benchmarks/results/predict_bf16_check.json``; emulated bf16 where the CPU lacks it, so a crop);
+``tests/test_infer_runtime.py`` holds the tolerances of the bf16 backbone that ``predict`` uses.
+
+    .venv/bin/python benchmarks/predict_speed.py [--quick] [--data PATH] [--demo-weights PATH] [--baseline-src PATH]
     .venv/bin/python benchmarks/predict_speed.py --bf16-check --demo-weights PATH [--crop 96]
 
 ``--quick`` runs the demo-size variant only. Wall-clock figures depend on what else runs on the machine: the load
@@ -78,6 +84,9 @@ def _use_source(src: str | None) -> None:
     """Child process: import nodulenet from ``src`` (another checkout's ``src/``) instead of this one."""
     if src:
         sys.path.insert(0, src)
+        # The spawned child already imported this checkout's nodulenet (via _record): forget it.
+        for module in [m for m in sys.modules if m == "nodulenet" or m.startswith("nodulenet.")]:
+            del sys.modules[module]
 
 
 def _weights_for(name: str, work: Path, demo_weights: str | None) -> tuple[Path, str]:
@@ -309,7 +318,7 @@ def main() -> None:
     specs = []
     for name in variants:
         spec = {"name": name, **VARIANTS[name]}
-        if args.baseline_src:  # today's code first, then this checkout, side by side in one run
+        if args.baseline_src and name in ("demo", "published"):  # today's code, then this checkout, in one run
             baseline = {"name": f"{name}@baseline", "channels_last": spec["channels_last"],
                         "src": str(args.baseline_src.resolve()), "code": f"baseline {args.baseline_src}"}
             specs.append((name, baseline))
@@ -329,7 +338,7 @@ def main() -> None:
                   f"load {result['load_average_start'][0]:.1f}->{result['load_average_end'][0]:.1f}", flush=True)
     ratios = {}
     for name in variants:
-        old, new = figures["variants"].get(f"{name}@baseline"), figures["variants"].get(name)
+        old, new = figures["variants"].get(f"{name.split('_')[0]}@baseline"), figures["variants"].get(name)
         if old and new:
             ratios[name] = {"wall_baseline_over_new": round(old["wall_s"] / new["wall_s"], 2),
                             "peak_rss_baseline_over_new": round(old["peak_rss_mib"] / new["peak_rss_mib"], 2),

@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from nodulenet.errors import InputError, NoduleNetError
 from nodulenet.export.labelmap import attach_masks_from_label_map
 from nodulenet.infer.cohort import Shard
+from nodulenet.infer.network import bf16_supported
 from nodulenet.infer.weights import NoShippedModelError
 from nodulenet.io.findings import read_findings_json
 from nodulenet.io.image_files import read_image
@@ -82,7 +83,11 @@ def test_every_output_is_written_and_nothing_else_is_left(data):
                                                             "report.html"]
     result = data["run"].results[0]
     assert "not DICOM" in result.details["skipped_outputs"]["dicom_seg"]
-    assert result.details["tiles"] == 1 and result.details["precision"] == "fp32"
+    # auto precision: bf16 (backbone) where the CPU has native bf16, fp32 elsewhere; recorded with the runtime.
+    expected = "bf16" if bf16_supported("cpu") else "fp32"
+    assert result.details["tiles"] == 1 and result.details["precision"] == expected
+    model = read_findings_json(data["out"] / "a_scan" / "nodules.json").model
+    assert (model.runtime, model.precision) == ("torch", expected)
     assert set(result.stage_seconds) == {"read_s", "preprocess_s", "network_s", "postprocess_s", "export_s"}
 
 

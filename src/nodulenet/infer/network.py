@@ -138,7 +138,7 @@ def run_network(model: Any, image_u8: np.ndarray, *, device: str = "cpu", precis
 
     precision = resolve_precision(precision, device)
     cfg = model.config
-    element_size = 2 if precision == "bf16" else 4
+    element_size = 4  # bf16 runs the backbone only and hands fp32 features to the heads: budget as fp32
     tiles = plan_tiles(tuple(image_u8.shape), cfg, memory_budget_bytes, element_size)  # type: ignore[arg-type]
     model.to(memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format)
     t0 = time.perf_counter()
