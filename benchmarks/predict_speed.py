@@ -263,6 +263,61 @@ def bf16_check(series: Path, weights: Path, crop: int) -> dict[str, Any]:
     }
 
 
+def backbone_check(series: Path, z_slices: int, repeats: int) -> dict[str, Any]:
+    """The published-size backbone on LIDC-IDRI-0001's network input (first ``z_slices`` slices) in each runtime
+    and precision, interleaved in one process: seconds per pass, peak RSS, features against torch fp32."""
+    import torch
+
+    from nodulenet.infer.prepare_input import prepare_input
+    from nodulenet.infer.runtimes import make_backbone
+    from nodulenet.infer.weights import load_model
+    from nodulenet.io.scan import read_scan
+    from nodulenet.model import NoduleNet, published_config
+
+    image = prepare_input(read_scan(series), load_model(None).prepare_config).image[:z_slices]
+    torch.manual_seed(0)
+    model = NoduleNet(published_config()).eval().to(memory_format=torch.channels_last_3d)
+    x = model._pad(torch.from_numpy(image).float().sub(128.0).div(128.0)[None, None])
+    x = x.to(memory_format=torch.channels_last_3d)
+    runners: dict[str, Any] = {"torch fp32": model.feature_net}
+    export_s: dict[str, float] = {}
+    if cpu_bf16():
+        runners["torch bf16"] = make_backbone(model, "torch", "bf16")
+    for runtime, package in (("onnx", "onnxruntime"), ("openvino", "openvino")):
+        try:
+            __import__(package)
+        except ImportError:
+            continue
+        t0 = time.perf_counter()
+        runners[f"{runtime} fp32"] = make_backbone(model, runtime, "fp32")
+        export_s[runtime] = round(time.perf_counter() - t0, 1)
+    seconds: dict[str, list[float]] = {k: [] for k in runners}
+    diff: dict[str, float] = {}
+    with torch.inference_mode():
+        reference = None
+        for _ in range(repeats):
+            for name, run in runners.items():
+                t0 = time.perf_counter()
+                features = run(x)
+                seconds[name].append(round(time.perf_counter() - t0, 2))
+                comb2 = features.comb2.float().contiguous()
+                if reference is None:
+                    reference = comb2
+                diff[name] = float((comb2 - reference).abs().max() / reference.abs().max())
+                print(f"{name}: {seconds[name][-1]:.1f} s (load {os.getloadavg()[0]:.1f})", flush=True)
+    best = {k: min(v) for k, v in seconds.items()}
+    return {"input_zyx": list(x.shape[2:]), "seconds": seconds, "export_seconds": export_s,
+            "speed_vs_torch_fp32": {k: round(best["torch fp32"] / v, 2) for k, v in best.items()},
+            "comb2_max_rel_diff_vs_torch_fp32": diff, "peak_rss_mib": round(
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)}
+
+
+def cpu_bf16() -> bool:
+    from nodulenet.infer.network import bf16_supported
+
+    return bf16_supported("cpu")
+
+
 def _cpu_flags() -> dict[str, Any]:
     """What decides bf16 on this CPU: the /proc/cpuinfo flags and torch's view of them."""
     import torch
@@ -300,7 +355,18 @@ def main() -> None:
     parser.add_argument("--bf16-check", action="store_true", help="only compare fp32 and (emulated) bf16 detections "
                                                                   "on a crop around the nodule (needs --demo-weights)")
     parser.add_argument("--crop", type=int, default=96, help="crop size of --bf16-check (voxels)")
+    parser.add_argument("--backbone-check", type=int, default=None, metavar="Z",
+                        help="only time the published-size backbone in each runtime/precision on the first Z slices "
+                             "of the network input, interleaved (records predict_backbone_runtimes.json)")
+    parser.add_argument("--repeats", type=int, default=2, help="passes per runtime of --backbone-check")
     args = parser.parse_args()
+    if args.backbone_check:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        check = backbone_check(_series_dir(args.data), args.backbone_check, args.repeats)
+        print(check)
+        record("predict_backbone_runtimes", {"load_average_at_start": list(os.getloadavg()),
+                                             "cpu_flags": _cpu_flags(), **check})
+        return
     if args.bf16_check:
         if not args.demo_weights:
             raise SystemExit("--bf16-check needs trained weights (--demo-weights PATH)")
