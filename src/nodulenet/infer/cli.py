@@ -112,7 +112,8 @@ def predict_cmd(
                                                               "hardware) or auto (bf16 where the CPU has it "
                                                               "natively, else fp32)."),
     runtime: str = typer.Option("auto", "--runtime", help="What runs the backbone: torch, onnx (ONNX Runtime), "
-                                                          "openvino, or auto (= torch, the fastest measured)."),
+                                                          "openvino, or auto (= torch; the other two export the "
+                                                          "backbone first and pay off on cohorts)."),
     label_format: str = typer.Option("nii.gz", "--label-format", help="Label map format: nii.gz, nii or nrrd."),
     no_dicom: bool = typer.Option(False, "--no-dicom", help="Do not write DICOM SEG/SR for DICOM input."),
     redo: bool = typer.Option(False, "--redo", help="Recompute scans whose complete output is already there."),

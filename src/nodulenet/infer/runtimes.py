@@ -5,11 +5,15 @@ heads always run in PyTorch fp32 (:meth:`nodulenet.model.NoduleNet.predict` take
 other runtimes run the SAME weights: the backbone is exported from the loaded model when the predictor is made
 (ONNX through ``torch.onnx.export``, OpenVINO through its PyTorch front end), nothing is read from disk.
 
-Measured on LIDC-IDRI-0001's network input (2-core AVX512-BF16 EPYC, machine shared, same run; published-size
-backbone, ``benchmarks/predict_speed.py``): ONNX Runtime and OpenVINO fp32 were no faster than PyTorch fp32 with
-``channels_last_3d`` and held more memory; PyTorch bf16 (native bf16 only) was 2-6x faster. Hence ``auto`` is
-PyTorch; the other two are options (the ``cpu-fast`` extra installs them) whose features match PyTorch fp32 to
-~1e-6 relative (``tests/test_infer_runtime.py``).
+Measured (``benchmarks/predict_speed.py --backbone-check 96``: published-size backbone on 96 x 208 x 272 of
+LIDC-IDRI-0001's network input, the runtimes interleaved in one process, 2-core AVX512-BF16 EPYC shared with other
+jobs, best of 2): PyTorch fp32 (``channels_last_3d``) 29.9 s; ONNX Runtime fp32 21.5 s (1.39x); OpenVINO fp32
+15.8 s (1.89x); PyTorch bf16 12.2 s (2.44x). ONNX Runtime and OpenVINO give the PyTorch fp32 features to ~1e-6
+relative, bf16 to ~1e-2. Their export runs once per predictor (4 s for ONNX, 17 s for OpenVINO there): for the
+demo-size network (a ~3 s backbone) it costs more than it saves, for the published size it pays off from the first
+scan. ``auto`` is PyTorch (bf16 where native, else fp32: :func:`.network.resolve_precision`): where bf16 is native it
+is the fastest; on CPUs without it OpenVINO would likely be, but that was not measured on such a machine, so it is an
+option (``--runtime openvino``, the ``cpu-fast`` extra), not the default.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ Backbone = Callable[[Any], Any]  # padded input tensor [1, C, Z, Y, X] -> Backbo
 
 
 def resolve_runtime(runtime: str, device: str, precision: str) -> str:
-    """``torch``, ``onnx`` or ``openvino``; ``auto`` is ``torch`` (the fastest measured, see the module doc).
+    """``torch``, ``onnx`` or ``openvino``; ``auto`` is ``torch`` (no export cost, see the module doc).
 
     ONNX Runtime and OpenVINO run fp32 on the CPU only here; a missing package is named with its install line.
     """
