@@ -32,7 +32,13 @@ def main() -> None:
     parser.add_argument("--name", default="demo_model_quality", help="name of the JSON record")
     parser.add_argument("--ground-glass", default="classic", choices=("classic", "varied"),
                         help="phantom ground-glass nodules: classic (the reference set) or varied (as real ones)")
+    parser.add_argument("--precisions", nargs="+", default=None, metavar="P",
+                        help="compare these predict precisions (e.g. fp32 bf16) on the same phantoms in one run; "
+                             "records <name>_precisions.json")
     args = parser.parse_args()
+    if args.precisions:
+        compare_precisions(args)
+        return
 
     from nodulenet.heldout import evaluate_on_heldout_phantoms
 
@@ -54,6 +60,24 @@ def main() -> None:
                        **result.to_dict(),
                        "cpm_ci95": froc.get("cpm_ci"), "total_seconds": round(seconds, 1),
                        "threads": args.threads, "target_cpm": 0.90})
+
+
+def compare_precisions(args: argparse.Namespace) -> None:
+    """CPM of each precision on the same held-out phantoms, side by side (``--precisions fp32 bf16``)."""
+    from nodulenet.heldout import evaluate_on_heldout_phantoms
+
+    seeds = list(range(args.first_seed, args.first_seed + args.n))
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="nodulenet-heldout-") as tmp:
+        for precision in args.precisions:
+            out = (args.out or Path(tmp)) / precision
+            result = evaluate_on_heldout_phantoms(out, seeds, weights=args.weights, threads=args.threads,
+                                                  precision=precision)
+            results[precision] = {k: v for k, v in result.to_dict().items() if k != "out_dir"}
+            print(f"{precision}: CPM {result.cpm:.4f}, {result.n_hits}/{result.n_nodules} hit, "
+                  f"{result.n_false_positives} FP, {result.seconds_per_scan:.1f} s/scan", flush=True)
+    record(f"{args.name}_precisions", {"weights": str(args.weights or "shipped demo model"), "seeds": seeds,
+                                       "threads": args.threads, "by_precision": results})
 
 
 if __name__ == "__main__":

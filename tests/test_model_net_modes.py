@@ -149,6 +149,45 @@ def test_masks_only_for_the_best_detections_when_capped() -> None:
         torch.testing.assert_close(a, b)
 
 
+def test_masks_only_above_a_score_are_those_of_masking_every_detection() -> None:
+    """predict(mask_min_score=t): the masked detections, their masks and the mask NMS outcome among them are
+    exactly those of masking every detection; the detections below t stay, unmasked."""
+    torch.manual_seed(0)
+    model = NoduleNet(small_config(mask_test_nms_iou=0.3)).eval()
+    x = torch.randn(1, 1, 32, 32, 32)
+    everything = model.predict(x)[0]
+    assert everything.masks is not None and len(everything.scores) > 3
+    t = float(everything.scores[2])  # a threshold that masks the best three
+    some = model.predict(x, mask_min_score=t)[0]
+    assert some.masks is not None and some.mask_boxes is not None
+    above = everything.scores >= t
+    assert len(some.masks) == int(above.sum()) == 3
+    torch.testing.assert_close(some.boxes[:3], everything.boxes[:3])
+    for a, b in zip(some.masks, everything.masks[:3]):
+        torch.testing.assert_close(a, b)
+    assert torch.equal(some.mask_boxes, everything.mask_boxes[:3])
+    assert bool((some.scores[3:] < t).all()) and len(some.scores) >= len(everything.scores)
+    # Masks stay inside the unpadded input (the network pads 30 -> 32 on z).
+    odd = model.predict(torch.randn(1, 1, 30, 32, 32), mask_min_score=0.0)[0]
+    assert odd.mask_boxes is not None and int(odd.mask_boxes[:, 3].max()) <= 30
+    for m, box in zip(odd.masks or [], odd.mask_boxes.tolist()):
+        assert tuple(m.shape) == tuple(box[k + 3] - box[k] for k in range(3))
+
+
+def test_keep_centres_within_drops_detections_before_masks() -> None:
+    torch.manual_seed(0)
+    model = NoduleNet(small_config(mask_test_nms_iou=None)).eval()
+    x = torch.randn(1, 1, 32, 32, 32)
+    everything = model.predict(x, stages=("rpn", "rcnn"))[0]
+    lo, hi = (0.0, 0.0, 0.0), (16.0, 32.0, 32.0)
+    centres = (everything.boxes[:, :3] + everything.boxes[:, 3:]) / 2
+    inside = (centres[:, 0] < 16).nonzero().flatten()
+    assert 0 < len(inside) < len(everything.boxes)
+    kept = model.predict(x, keep_centres_within=(lo, hi), mask_min_score=0.0)[0]
+    torch.testing.assert_close(kept.boxes, everything.boxes[inside])
+    assert kept.masks is not None and len(kept.masks) == len(inside)
+
+
 def test_empty_proposal_paths() -> None:
     model = NoduleNet(small_config()).train()
     with torch.no_grad():

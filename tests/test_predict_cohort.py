@@ -82,7 +82,11 @@ def test_every_output_is_written_and_nothing_else_is_left(data):
                                                             "report.html"]
     result = data["run"].results[0]
     assert "not DICOM" in result.details["skipped_outputs"]["dicom_seg"]
-    assert result.details["tiles"] == 1 and result.details["precision"] == "fp32"
+    # auto precision is fp32 (bf16 moves scores across the threshold); recorded with the runtime.
+    expected = "fp32"
+    assert result.details["tiles"] == 1 and result.details["precision"] == expected
+    model = read_findings_json(data["out"] / "a_scan" / "nodules.json").model
+    assert (model.runtime, model.precision) == ("torch", expected)
     assert set(result.stage_seconds) == {"read_s", "preprocess_s", "network_s", "postprocess_s", "export_s"}
 
 

@@ -51,7 +51,8 @@ class HeldoutResult:
 
 def evaluate_on_heldout_phantoms(out: str | Path, seeds: Sequence[int], *, weights: Path | None = None,
                                  threshold: float = HELDOUT_THRESHOLD, threads: int | None = None,
-                                 progress: bool = False, ground_glass_style: str = "classic") -> HeldoutResult:
+                                 progress: bool = False, ground_glass_style: str = "classic",
+                                 precision: str = "auto") -> HeldoutResult:
     """Generate the phantoms of ``seeds`` (small chests, 4 nodules), predict them with ``weights`` (default: the
     shipped demo model) and return the LUNA16 CPM; every file it used stays under ``out``. ``ground_glass_style``
     "varied" draws their ground-glass nodules as real ones look (a harder set; "classic" is the reference one)."""
@@ -75,7 +76,8 @@ def evaluate_on_heldout_phantoms(out: str | Path, seeds: Sequence[int], *, weigh
         record = json.loads((folder / "nodules.json").read_text())
         truth.append(record["nodules"])
 
-    options = PredictOptions(weights=weights, threshold=threshold, dicom_outputs=False, redo=True, threads=threads)
+    options = PredictOptions(weights=weights, threshold=threshold, dicom_outputs=False, redo=True, threads=threads,
+                             precision=precision)
     predictor = Predictor(options)
     run = predict_scans(scans, root / "predict", shard=Shard(rank=0, world_size=1, local_rank=0),
                         progress=progress, predictor=predictor)

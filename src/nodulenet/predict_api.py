@@ -58,7 +58,8 @@ class PredictOptions:
     device: str = "cpu"
     threshold: float = 0.5  # detections scoring at least this become findings (with masks)
     max_memory_gb: float | None = None  # CPU: limit for the whole process; CUDA: for the network on the GPU
-    precision: str = "auto"  # "auto" (fp32), "fp32" or "bf16"
+    precision: str = "auto"  # "auto" (= fp32: bf16 changes detections, infer/network.resolve_precision), "fp32", "bf16"
+    runtime: str = "auto"  # what runs the backbone: "auto" (= torch), "torch", "onnx" or "openvino"
     label_format: str = "nii.gz"
     dicom_outputs: bool = True  # DICOM SEG + SR for DICOM input
     redo: bool = False  # recompute scans whose complete output already matches this model and threshold
@@ -166,6 +167,7 @@ class Predictor:
 
     def __init__(self, options: PredictOptions | None = None, *, weights_dir: Path | None = None) -> None:
         from nodulenet.infer.network import resolve_precision
+        from nodulenet.infer.runtimes import make_backbone, resolve_runtime
         from nodulenet.infer.weights import load_model
 
         import torch
@@ -182,7 +184,12 @@ class Predictor:
             if extra.prepare_config != self.loaded.prepare_config:
                 raise NoduleNetError(f"{extra.weights_path}: prepares scans differently from {self.loaded.weights_path}"
                                      f" (prepare settings differ), so their candidates cannot be merged")
-        self.precision = resolve_precision(self.options.precision, self.options.device)
+        if self.options.runtime in ("onnx", "openvino") and self.options.precision == "auto":
+            self.precision = "fp32"  # those runtimes run fp32 here (infer/runtimes.py)
+        else:
+            self.precision = resolve_precision(self.options.precision, self.options.device)
+        self.runtime = resolve_runtime(self.options.runtime, self.options.device, self.precision)
+        self.backbone = make_backbone(self.loaded.model, self.runtime, self.precision, self.options.device)
         self.channels_last = (self.options.channels_last if self.options.channels_last is not None
                               else not self.options.device.startswith("cuda"))
         for note in self.loaded.notes:
@@ -191,7 +198,8 @@ class Predictor:
     @property
     def model_info(self) -> ModelInfo:
         return ModelInfo(name=f"NoduleNet ({self.loaded.name})", version=nodulenet.__version__,
-                         weights_sha256=self.loaded.weights_sha256, config_sha256=self.loaded.config_sha256)
+                         weights_sha256=self.loaded.weights_sha256, config_sha256=self.loaded.config_sha256,
+                         runtime=self.runtime, precision=self.precision)
 
     def describe(self) -> dict[str, Any]:
         """Everything that decides the results (written to ``predict_config.json``)."""
@@ -199,6 +207,7 @@ class Predictor:
             "nodulenet_version": nodulenet.__version__,
             "options": self.options.to_dict(),
             "precision": self.precision,
+            "runtime": self.runtime,
             "channels_last": self.channels_last,
             "model": {**self.model_info.to_dict(), "weights_path": str(self.loaded.weights_path),
                       "shipped": self.loaded.shipped, "notes": self.loaded.notes},
@@ -225,7 +234,7 @@ class Predictor:
         try:
             net = run_network(self.loaded.model, prepared.image, device=opts.device, precision=self.precision,
                               mask_threshold=opts.threshold, memory_budget_bytes=budget,
-                              channels_last=self.channels_last)
+                              channels_last=self.channels_last, backbone=self.backbone, runtime=self.runtime)
         except MemoryBudgetError as exc:
             limit = f"--max-memory {opts.max_memory_gb} GB" if opts.max_memory_gb else "the memory available now"
             raise NoduleNetError(f"{limit} leaves too little for the network: {exc}") from None
@@ -265,6 +274,7 @@ class Predictor:
             "tiles": len(net.tiles),
             "network_budget_gib": None if budget is None else round(budget / 2**30, 3),
             "precision": net.precision,
+            "runtime": net.runtime,
             "preprocess_stage_seconds": prepared.stage_seconds,
             "orientation": prepared.transform.orientation_summary(),
         }

@@ -131,12 +131,12 @@ def _stage_line(result: Any) -> str:
 
 def _options(weights: Optional[Path], device: str, threshold: float, max_memory: Optional[float], precision: str,
              label_format: str, no_dicom: bool, redo: bool, threads: Optional[int],
-             series: Optional[str] = None) -> Any:
+             series: Optional[str] = None, runtime: str = "auto") -> Any:
     from nodulenet.predict_api import PredictOptions
 
     return PredictOptions(weights=weights, device=device, threshold=threshold, max_memory_gb=max_memory,
                           precision=precision, label_format=label_format, dicom_outputs=not no_dicom, redo=redo,
-                          threads=threads, series_instance_uid=series)
+                          threads=threads, series_instance_uid=series, runtime=runtime)
 
 
 def predict_cmd(
@@ -157,8 +157,12 @@ def predict_cmd(
     threshold: float = typer.Option(0.5, "--threshold", help="Report detections scoring at least this (0..1)."),
     max_memory: Optional[float] = typer.Option(None, "--max-memory", help="Memory limit in GB; a scan that would "
                                                                           "not fit runs in overlapping tiles."),
-    precision: str = typer.Option("auto", "--precision", help="fp32, bf16 (bf16 autocast; needs bf16 hardware) or "
+    precision: str = typer.Option("auto", "--precision", help="fp32, bf16 (the backbone in bf16, about 2x faster; "
+                                                              "needs native bf16; scores move by up to 0.05) or "
                                                               "auto (= fp32)."),
+    runtime: str = typer.Option("auto", "--runtime", help="What runs the backbone: torch, onnx (ONNX Runtime), "
+                                                          "openvino, or auto (= torch; the other two export the "
+                                                          "backbone first and pay off on cohorts)."),
     label_format: str = typer.Option("nii.gz", "--label-format", help="Label map format: nii.gz, nii or nrrd."),
     no_dicom: bool = typer.Option(False, "--no-dicom", help="Do not write DICOM SEG/SR for DICOM input."),
     redo: bool = typer.Option(False, "--redo", help="Recompute scans whose complete output is already there."),
@@ -199,7 +203,7 @@ def predict_cmd(
 
     weights = weights_list[0] if weights_list else None
     options = replace(_options(weights, device, threshold, max_memory, precision, label_format, no_dicom, redo,
-                               threads, series), candidates_only=candidates_only,
+                               threads, series, runtime), candidates_only=candidates_only,
                       extra_weights=tuple(weights_list[1:]), tta=tta, merge=merge)
     console = _console()
     if server and remote:
@@ -243,6 +247,7 @@ def predict_cmd(
         local_only = {"--weights": weights is not None, "--device": device != "cpu",
                       "--candidates-only": candidates_only, "--tta": tta != "none",
                       "--max-memory": max_memory is not None, "--precision": precision != "auto",
+                      "--runtime": runtime != "auto",
                       "--threads": threads is not None}
         given = [flag for flag, used in local_only.items() if used]
         if given:

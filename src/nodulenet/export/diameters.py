@@ -8,6 +8,7 @@ edge of a nodule; only boundary voxels can carry hull corners, and the farthest 
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -32,12 +33,18 @@ def _boundary(mask: np.ndarray) -> np.ndarray:
 
 
 def _corner_points(mask: np.ndarray, spacing: np.ndarray) -> np.ndarray:
-    """Unique corners (mm, in the mask's own index frame) of the voxel boxes of the mask's boundary voxels."""
-    idx = np.argwhere(_boundary(mask)).astype(np.float64)
-    ndim = mask.ndim
-    offsets = np.array(np.meshgrid(*[(-0.5, 0.5)] * ndim, indexing="ij")).reshape(ndim, -1).T
-    corners = (idx[:, None, :] + offsets[None, :, :]).reshape(-1, ndim)
-    return np.unique(corners, axis=0) * spacing
+    """Unique corners (mm, in the mask's own index frame) of the voxel boxes of the mask's boundary voxels.
+
+    Marked on the grid of corners (corner ``k`` of an axis sits at ``k - 0.5``; voxel ``i`` has corners ``i`` and
+    ``i + 1``) and read back in index order: the same points, in the same (lexicographic) order, as
+    ``np.unique`` of the 2^ndim corners of every voxel, without its sort of 8 rows per voxel (LIDC-IDRI-0001
+    with 10 large masks: 8 of the 10 s of measuring).
+    """
+    boundary = _boundary(mask)
+    grid = np.zeros(tuple(n + 1 for n in boundary.shape), dtype=bool)
+    for offset in itertools.product((0, 1), repeat=mask.ndim):
+        grid[tuple(slice(o, o + n) for o, n in zip(offset, boundary.shape))] |= boundary
+    return (np.argwhere(grid).astype(np.float64) - 0.5) * spacing
 
 
 def _farthest_pair(points: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:

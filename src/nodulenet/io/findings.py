@@ -413,6 +413,8 @@ class ModelInfo:
     version: str | None = None
     weights_sha256: str | None = None
     config_sha256: str | None = None
+    runtime: str | None = None  # what ran the network: "torch", "onnx" or "openvino"
+    precision: str | None = None  # "fp32" or "bf16" (bf16: the backbone only)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)

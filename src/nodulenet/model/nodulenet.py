@@ -33,7 +33,7 @@ signal from the first mask step; each box learns the mask of the nodule it overl
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -164,11 +164,34 @@ class NoduleNet(nn.Module):
         assert isinstance(out, dict)
         return out
 
-    def predict(self, images: Tensor, stages: Sequence[str] = STAGES) -> list[Detections]:
-        """Typed shortcut for ``forward(images, mode="predict")``."""
-        out = self.forward(images, None, mode="predict", stages=stages)
-        assert isinstance(out, list)
-        return out
+    def predict(
+        self,
+        images: Tensor,
+        stages: Sequence[str] = STAGES,
+        *,
+        mask_min_score: float | None = None,
+        keep_centres_within: tuple[Sequence[float], Sequence[float]] | None = None,
+        backbone: Callable[[Tensor], BackboneFeatures] | None = None,
+    ) -> list[Detections]:
+        """``forward(images, mode="predict")``, with two savings for whole-scan inference and a backbone choice.
+
+        ``mask_min_score``: masks only for the detections scoring at least this (a prefix: detections are sorted
+        by score; combined with ``config.mask_max_detections``, the shorter prefix wins); mask NMS runs among
+        them and the unmasked rest is kept. That set is what masking every detection would give for them: greedy
+        mask NMS in score order only lets a higher-scoring - hence also masked - mask suppress a masked one.
+        The published code runs the mask head on every detection (hundreds on an uncertain model).
+
+        ``keep_centres_within``: ``(lo, hi)`` zyx voxels of the input; only detections whose box centre lies in
+        ``[lo, hi)`` are kept, BEFORE masks are made (a tile of a scan keeps what its core owns). ``proposals``
+        stay unfiltered.
+
+        ``backbone``: runs instead of ``self.feature_net`` on the padded input (the same weights in another
+        runtime, or in bf16); it must return float32 :class:`BackboneFeatures`. The heads run here as usual.
+        """
+        stage_set = self._check_call(images, None, "predict", stages)
+        with torch.no_grad():
+            return self._run(images, None, "predict", stage_set, None, mask_min_score=mask_min_score,
+                             keep_centres_within=keep_centres_within, backbone=backbone)[1]
 
     # ------------------------------------------------------------------ internals
     def _check_call(
@@ -207,11 +230,14 @@ class NoduleNet(nn.Module):
         mode: str,
         stages: set[str],
         generator: torch.Generator | None,
+        mask_min_score: float | None = None,
+        keep_centres_within: tuple[Sequence[float], Sequence[float]] | None = None,
+        backbone: Callable[[Tensor], BackboneFeatures] | None = None,
     ) -> tuple[dict[str, Tensor], list[Detections]]:
         cfg = self.config
         orig_shape = tuple(int(s) for s in images.shape[2:])
         x = self._pad(images)
-        features = self.feature_net(x)
+        features = (backbone or self.feature_net)(x)
         rpn_out = run_rpn(cfg, self.rpn, self.rpn_levels, features, self._anchor_cache)
         training = mode == "train"
 
@@ -235,9 +261,11 @@ class NoduleNet(nn.Module):
                 losses["mask"] = self._mask_loss(x, features, boxes, targets)
         else:
             dets, rcnn_probs = self._detect(features, proposals, orig_shape, training, stages)
+            if keep_centres_within is not None:
+                dets = [_centres_within(b, s, keep_centres_within) for b, s in dets]
             if targets is not None and "mask" in stages:
                 losses["mask"] = self._mask_loss(x, features, [b for b, _ in dets], targets)
-            detections = self._finish(x, features, dets, proposals, rcnn_probs, orig_shape, stages)
+            detections = self._finish(x, features, dets, proposals, rcnn_probs, orig_shape, stages, mask_min_score)
         if losses:
             losses["total"] = self._total(losses)
         return losses, detections
@@ -371,8 +399,9 @@ class NoduleNet(nn.Module):
         rcnn_probs: list[Tensor] | None,
         orig_shape: tuple[int, int, int],
         stages: set[str],
+        mask_min_score: float | None = None,
     ) -> list[Detections]:
-        """Masks (+ mask NMS) on the final detections, then everything back into the unpadded frame."""
+        """Masks (+ mask NMS) on the final detections, in the unpadded frame (see :meth:`predict`)."""
         cfg = self.config
         shape = tuple(int(s) for s in x.shape[2:])
         masks_per_image: list[list[Tensor] | None] = [None] * len(dets)
@@ -380,20 +409,27 @@ class NoduleNet(nn.Module):
         if "mask" in stages:
             # Masks for the best ``mask_max_detections`` of each image (a prefix: detections are sorted by score).
             limit = cfg.mask_max_detections
-            heads = [(b if limit is None else b[:limit]) for b, _ in dets]
-            crops = [mask_crop_boxes(b, shape, cfg.mask_box_multiple) for b in heads]
+            counts = []
+            for boxes, scores in dets:
+                n = boxes.shape[0] if limit is None else min(limit, boxes.shape[0])
+                if mask_min_score is not None:
+                    n = min(n, int((scores >= mask_min_score).sum()))
+                counts.append(n)
+            crops = [mask_crop_boxes(b[:n], shape, cfg.mask_box_multiple) for (b, _), n in zip(dets, counts)]
             with torch.no_grad():
                 probs = [torch.sigmoid(m.float()) for m in self._run_mask_head(x, features, crops)]
             start = 0
             for i, (boxes, scores) in enumerate(dets):
-                n = heads[i].shape[0]
-                mine, start = probs[start : start + n], start + n
+                n = counts[i]
+                # Clipped first: the internal padding is not part of the scan, so it takes no part in the mask IoU.
+                mine, clipped = _clip_masks(probs[start : start + n], crops[i], orig_shape)
+                start += n
                 if cfg.mask_test_nms_iou is not None and n > 1:
-                    keep = mask_nms(mine, crops[i], cfg.mask_test_nms_iou).to(boxes.device)
+                    keep = mask_nms(mine, clipped, cfg.mask_test_nms_iou).to(boxes.device)
                     rest = torch.arange(n, boxes.shape[0], device=boxes.device)  # unmasked tail stays
                     dets[i] = (boxes[torch.cat((keep, rest))], scores[torch.cat((keep, rest))])
-                    mine, crops[i] = [mine[k] for k in keep.tolist()], crops[i][keep]
-                masks_per_image[i], crops_per_image[i] = _clip_masks(mine, crops[i], orig_shape)
+                    mine, clipped = [mine[k] for k in keep.tolist()], clipped[keep]
+                masks_per_image[i], crops_per_image[i] = mine, clipped
         out = []
         for i, ((boxes, scores), (pboxes, pscores)) in enumerate(zip(dets, proposals)):
             out.append(Detections(
@@ -414,6 +450,17 @@ class NoduleNet(nn.Module):
                    "mask": cfg.loss_weight_mask}
         device = next(iter(losses.values())).device
         return sum((weights[k] * v for k, v in losses.items()), torch.zeros((), device=device))
+
+
+def _centres_within(
+    boxes: Tensor, scores: Tensor, region: tuple[Sequence[float], Sequence[float]]
+) -> tuple[Tensor, Tensor]:
+    """The detections whose box centre lies in ``[lo, hi)`` (zyx voxels)."""
+    lo = torch.as_tensor(region[0], dtype=boxes.dtype, device=boxes.device)
+    hi = torch.as_tensor(region[1], dtype=boxes.dtype, device=boxes.device)
+    centre = (boxes[:, :3] + boxes[:, 3:]) / 2
+    inside = ((centre >= lo) & (centre < hi)).all(dim=1)
+    return boxes[inside], scores[inside]
 
 
 def _clip_masks(masks: list[Tensor], crops: Tensor, shape: tuple[int, int, int]) -> tuple[list[Tensor], Tensor]:

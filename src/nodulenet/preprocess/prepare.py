@@ -161,6 +161,21 @@ def fill_scanner_padding(ct: Volume, config: PrepareConfig) -> Volume:
     return ct.with_array(np.where(padding, np.asarray(config.padding_fill_hu, dtype=ct.array.dtype), ct.array))
 
 
+def canonical_hu(ct: Volume, config: PrepareConfig, lap: Any = None) -> tuple[Volume, Any, Any]:
+    """``ct`` in HU as the lung mask and the network see it: padding filled, canonical orientation, resampled to
+    ``config.spacing_zyx_mm``; returns ``(hu, resample mapping, reorientation)``. ``lap(stage)`` times the steps."""
+    # Padding first: an oblique scan is interpolated by its reorientation already.
+    canonical, orientation = canonical_orientation(fill_scanner_padding(ct, config))
+    if not orientation.is_identity:
+        logger.info("%s: %s", ct.meta.get("source_path", "scan"), orientation.describe())
+    if lap is not None:
+        lap("orient")
+    hu, mapping = resample_volume(canonical, config.spacing_zyx_mm, "linear")
+    if lap is not None:
+        lap("resample")
+    return hu, mapping, orientation
+
+
 @dataclass
 class NetworkInput:
     """A scan as the network sees it: uint8 ``(z, y, x)`` on the prepared grid, the transform back to the scan,
@@ -189,14 +204,7 @@ def make_network_input(ct: Volume, config: PrepareConfig) -> NetworkInput:
         stages[name] = round(now - last, 3)
         last = now
 
-    # Padding first: an oblique scan is interpolated by its reorientation already.
-    canonical, orientation = canonical_orientation(fill_scanner_padding(ct, config))
-    if not orientation.is_identity:
-        logger.info("%s: %s", ct.meta.get("source_path", "scan"), orientation.describe())
-    lap("orient")
-    hu, mapping = resample_volume(canonical, config.spacing_zyx_mm, "linear")
-    del canonical
-    lap("resample")
+    hu, mapping, orientation = canonical_hu(ct, config, lap)
     lung = segment_lungs(hu, config.lung)
     lap("lung_mask")
     box = lung_bounding_box(lung.lungs > 0, config.crop_margin_voxels)

@@ -81,6 +81,8 @@ def remote_predict_command(options: PredictOptions, scans_file: str, out: str, r
         words += ["--max-memory", repr(float(options.max_memory_gb))]
     if options.threads is not None:
         words += ["--threads", str(int(options.threads))]
+    if options.runtime != "auto":  # only when chosen: a remote nodulenet without --runtime still runs the rest
+        words += ["--runtime", shlex.quote(options.runtime)]
     if not options.dicom_outputs:
         words.append("--no-dicom")
     if options.redo:
