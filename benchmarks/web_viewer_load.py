@@ -8,12 +8,13 @@ logs in and opens the job. Figures:
 - ``volume_first_s`` / ``volume_cached_s``: GET /v1/jobs/{id}/volume the first time (the viewer's copy of the scan is
   made: read the input, write .nii.gz) and once it exists (just the transfer), from Python on the same machine;
 - ``open_s`` (mean of ``--repeat`` opens): click on the job row -> the scan and the label map drawn with the table
-  filled (three downloads, gunzip, NIfTI parse, GPU upload, first frame); ``niivue_ms``: the part after the
-  downloads (NiiVue taking in the two volumes);
+  filled; ``page_ms``: the page's own split of it: ``download_ms`` (nodules.json, the scan, the label map),
+  ``decode_ms`` (gunzip + NIfTI parse by NiiVue), ``display_ms`` (GPU upload, the label layer resampled onto the
+  scan grid with outlines, the 3D render's textures, the first frame);
 - ``jump_ms``: a click on a finding -> the views at it (mean over the findings);
 - the sizes of the two files and of the scan.
 
-    .venv/bin/python benchmarks/web_viewer_load.py [--dicom] [--repeat 3]
+    .venv/bin/python benchmarks/web_viewer_load.py [--dicom] [--repeat 1]
 
 Recorded in ``benchmarks/results/web_viewer_load.json`` (``web_viewer_load_dicom.json`` with ``--dicom``).
 """
@@ -63,7 +64,7 @@ def make_scan(root: Path, dicom: bool) -> tuple[Path, tuple[int, int, int]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dicom", action="store_true", help="upload a zipped DICOM series instead of a NIfTI")
-    parser.add_argument("--repeat", type=int, default=3, help="opens of the job to average")
+    parser.add_argument("--repeat", type=int, default=1, help="opens of the job to average")
     args = parser.parse_args()
     why = missing()
     if why:
@@ -106,7 +107,8 @@ def main() -> None:
                     row.click()
                     wait_until(driver, "return window.NoduleNetViewer.state().loaded", 600, "the scan in the viewer")
                     opens.append(time.perf_counter() - t)
-                    niivue.append(driver.execute_script("return window.NoduleNetViewer.state().load_ms"))
+                    page = driver.execute_script("return window.NoduleNetViewer.state().timings")
+                    niivue.append(page)
                 rows = driver.find_elements(By.CSS_SELECTOR, "#nodule-table tbody tr")
                 for r in rows:
                     fid = int(r.get_attribute("data-id"))
@@ -121,7 +123,7 @@ def main() -> None:
         "upload_bytes": scan.stat().st_size if scan.exists() else None,
         "volume_bytes": len(volume.content), "label_map_bytes": len(mask.content), "job_s": round(job_s, 1),
         **timings, "open_s": round(statistics.fmean(opens), 2), "open_s_each": [round(v, 2) for v in opens],
-        "niivue_ms": round(statistics.fmean(niivue)), "jump_ms": round(statistics.fmean(jumps)) if jumps else None,
+        "page_ms": {k: round(statistics.fmean(p[k] for p in niivue)) for k in niivue[0]}, "jump_ms": round(statistics.fmean(jumps)) if jumps else None,
         "findings": len(jumps), "browser": "headless chromium, SwiftShader WebGL2 (no GPU)",
     }
     for k, v in figures.items():

@@ -37,7 +37,7 @@ def missing() -> str | None:
 
 
 @contextmanager
-def chromium(width: int = 1400, height: int = 900) -> Iterator[Any]:
+def chromium(width: int = 1400, height: int = 900, command_timeout_s: float = 900.0) -> Iterator[Any]:
     """A headless chromium (selenium WebDriver) with a window of ``width`` x ``height`` CSS pixels; always quit."""
     from selenium import webdriver
     from selenium.webdriver.chrome.options import Options
@@ -50,6 +50,10 @@ def chromium(width: int = 1400, height: int = 900) -> Iterator[Any]:
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    # A full-size scan keeps the page busy for minutes on software WebGL (SwiftShader): a script or a click waits
+    # for it instead of failing after selenium's default 30 s / 120 s.
+    driver.set_script_timeout(command_timeout_s)
+    driver.command_executor._client_config.timeout = command_timeout_s
     try:
         yield driver
     finally:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,12 @@ from nodulenet.serve.store import Job
 logger = logging.getLogger("nodulenet.serve")
 
 VIEWER_SCAN = Path("viewer") / "scan.nii.gz"  # under the job folder, beside result/ (not one of predict's outputs)
+# /jobs/{id}/<name>: the job's output file of <kind> (404 naming <what> when it has none)
+KIND_ROUTES = (("nodules", "nodules_json", "nodules.json", "nodules.json (schema nodulenet.nodules/1), exactly as "
+                                                            "local predict writes it."),
+               ("mask", "label_map", "label map", "The label map on the input's grid (value = finding id)."),
+               ("seg", "dicom_seg", "DICOM SEG", "DICOM SEG of the findings (DICOM input only)."),
+               ("report", "report_html", "report", "report.html."))
 _CONVERTING: dict[str, threading.Lock] = {}
 _CONVERTING_GUARD = threading.Lock()
 
@@ -61,30 +68,20 @@ def results_router(ctx: AppContext) -> APIRouter:
     """``/jobs/{id}/...`` result endpoints (mounted under ``/v1`` behind the token); 409 before the job is done."""
     router = APIRouter(tags=["results"], responses={409: {"model": ErrorOut}})
 
-    @router.get("/jobs/{job_id}/nodules")
-    def nodules(job_id: str) -> FileResponse:
-        """nodules.json (schema nodulenet.nodules/1), exactly as local predict writes it."""
-        return ctx.send_kind(job_id, "nodules_json", "nodules.json")
+    def sender(kind: str, what: str, doc: str) -> Callable[[str], FileResponse]:
+        def send(job_id: str) -> FileResponse:
+            return ctx.send_kind(job_id, kind, what)
 
-    @router.get("/jobs/{job_id}/mask")
-    def mask(job_id: str) -> FileResponse:
-        """The label map on the input's grid (value = finding id)."""
-        return ctx.send_kind(job_id, "label_map", "label map")
+        send.__doc__ = doc
+        return send
 
-    @router.get("/jobs/{job_id}/seg")
-    def seg(job_id: str) -> FileResponse:
-        """DICOM SEG of the findings (DICOM input only)."""
-        return ctx.send_kind(job_id, "dicom_seg", "DICOM SEG")
-
-    @router.get("/jobs/{job_id}/report")
-    def report(job_id: str) -> FileResponse:
-        """report.html."""
-        return ctx.send_kind(job_id, "report_html", "report")
+    for name, kind, what, doc in KIND_ROUTES:
+        router.add_api_route(f"/jobs/{{job_id}}/{name}", sender(kind, what, doc), methods=["GET"], name=name)
 
     @router.get("/jobs/{job_id}/volume")
     def volume(job_id: str) -> FileResponse:
         """The scan as NIfTI (.nii.gz) on the label map's grid, for the web viewer (made on first request)."""
-        job, _ = ctx.file_of_kind(job_id, "label_map", "label map")  # 409 before done; the overlay must exist
+        job = ctx.done_job(job_id)  # 409 before done, like every result
         return FileResponse(viewer_scan(ctx, job), media_type="application/gzip", filename="scan.nii.gz")
 
     @router.get("/jobs/{job_id}/files", response_model=FileListOut)

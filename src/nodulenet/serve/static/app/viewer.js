@@ -111,7 +111,10 @@
   }
 
   function applyOverlay() {
-    if (!current || !current.labels) return;
+    if (!current || !current.labels) {
+      if (nv) { nv.document.labels = []; nv.drawScene(); }
+      return;
+    }
     const { findings, threshold } = current;
     maskedLabels(threshold);
     current.labels.setColormapLabel(labelLut(findings));
@@ -315,25 +318,32 @@
     const threshold = Number(job.options.threshold ?? ctx.info.default_threshold ?? 0.5);
     const labelFile = job.files.find((f) => f.kind === 'label_map');
     setMessage('Loading...');
-    const [nodules, scanBytes, labelBytes] = await Promise.all([
-      json(`/v1/jobs/${jobId}/nodules`), bytes(`/v1/jobs/${jobId}/volume`, 'the scan'),
-      bytes(`/v1/jobs/${jobId}/mask`, 'the label map')]);
+    const tOpen = performance.now();
+    const nodules = await json(`/v1/jobs/${jobId}/nodules`);
+    const findings = nodules.findings.slice().sort((a, b) => b.score - a.score);
+    // no findings: no overlay to show (an all-zero label map would only cost a download)
+    const [scanBytes, labelBytes] = await Promise.all([bytes(`/v1/jobs/${jobId}/volume`, 'the scan'),
+      findings.length && labelFile ? bytes(`/v1/jobs/${jobId}/mask`, 'the label map') : null]);
     if (mine !== generation) return;  // another job was opened meanwhile
     await ensureNiivue();
     const N = window.niivue;
-    const t0 = performance.now();
+    const t0 = performance.now();  // downloads done
     const scan = await N.NVImage.loadFromUrl({ url: 'scan.nii.gz', name: 'scan.nii.gz', buffer: scanBytes,
       colormap: 'gray', cal_min: WINDOWS.lung[0], cal_max: WINDOWS.lung[1], trustCalMinMax: false });
-    const labels = await N.NVImage.loadFromUrl({ url: labelFile.name, name: labelFile.name, buffer: labelBytes,
-      opacity: 1.0 });
+    let labels = null;
+    if (labelBytes) {
+      labels = await N.NVImage.loadFromUrl({ url: labelFile.name, name: labelFile.name, buffer: labelBytes,
+        opacity: FILL_OPACITY });
+      // NIFTI_INTENT_LABEL: NiiVue then draws the values as labels, with the LUT's alpha and outlines
+      labels.hdr.intent_code = 1002;
+    }
     if (mine !== generation) return;
-    // NIFTI_INTENT_LABEL: NiiVue then draws the values as labels, with the LUT's alpha and outlines
-    labels.hdr.intent_code = 1002;
+    const t1 = performance.now();  // decoded
     while (nv.volumes.length) nv.removeVolume(nv.volumes[0]);
     nv.addVolume(scan);
-    nv.addVolume(labels);
-    const findings = nodules.findings.slice().sort((a, b) => b.score - a.score);
-    current = { job, findings, scan, labels, labelValues: labels.img.slice(), threshold, selected: null, loadMs: 0 };
+    if (labels) nv.addVolume(labels);
+    current = { job, findings, scan, labels, labelValues: labels ? labels.img.slice() : null, threshold,
+      selected: null, loadMs: 0, timings: {} };
     const slider = $('score-slider');
     slider.min = String(threshold);
     slider.value = String(threshold);
@@ -343,7 +353,9 @@
     renderNodules();
     renderDownloads(job);
     if (findings.length) jumpTo(findings[0]);
-    current.loadMs = performance.now() - t0;
+    const t2 = performance.now();
+    current.loadMs = t2 - t0;
+    current.timings = { download_ms: t0 - tOpen, decode_ms: t1 - t0, display_ms: t2 - t1 };
     setMessage('');
   }
 
@@ -418,7 +430,7 @@
       const names = { 0: 'axial', 1: 'coronal', 2: 'sagittal', 4: 'render' };  // NiiVue's SLICE_TYPE
       return {
         loaded: true, job: current.job.id, selected: current.selected, threshold: current.threshold,
-        load_ms: current.loadMs, crosshair_mm: Array.from(nv.frac2mm(nv.scene.crosshairPos)).slice(0, 3),
+        load_ms: current.loadMs, timings: current.timings, crosshair_mm: Array.from(nv.frac2mm(nv.scene.crosshairPos)).slice(0, 3),
         tiles: nv.screenSlices.map((s) => ({ view: names[s.axCorSag] || String(s.axCorSag),
           ltwh: s.leftTopWidthHeight.map((v) => v / dpr), left_top_mm: s.leftTopMM, fov_mm: s.fovMM })),
         colours: Object.fromEntries(current.findings.map((f) => [f.id, colour(f.id)])),
