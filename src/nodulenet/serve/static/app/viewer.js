@@ -110,28 +110,34 @@
     }
   }
 
-  function applyOverlay() {
-    if (!current || !current.labels) {
-      if (nv) { nv.document.labels = []; nv.drawScene(); }
-      return;
-    }
-    const { findings, threshold } = current;
-    maskedLabels(threshold);
-    current.labels.setColormapLabel(labelLut(findings));
+  // The label layer as the controls say (findings above the slider, fill, outline); NiiVue takes it in at the next
+  // updateGLVolume (or addVolume), which re-renders every layer: one such pass per change, never two.
+  function prepareLabels() {
+    maskedLabels(current.threshold);
+    current.labels.setColormapLabel(labelLut(current.findings));
     current.labels.opacity = FILL_OPACITY;
     nv.opts.atlasOutline = $('show-outline').checked ? 1 : 0;
-    // markers: "#id score" at each shown finding's centre, in the 3D render (NiiVue draws them there only when a
-    // render is on screen; a single 2D view gets no markers, its outlines are the marks)
+  }
+
+  // Markers: "#id score" at each shown finding's centre, in the 3D render (NiiVue draws them there only when a
+  // render is on screen; a single 2D view gets no markers, its outlines are the marks).
+  function placeMarkers() {
     nv.document.labels = [];
     const view = document.querySelector('[data-view].active').dataset.view;
-    if (view === 'multi' || view === 'render') {
-      for (const f of findings) {
-        if (f.score < threshold) continue;
-        const c = [...colour(f.id).map((v) => v / 255), 1];
-        const style = new window.niivue.NVLabel3DStyle(c, 1.0, undefined, 1, c, undefined, 1.0, c, [0, 0, 0, 0.5]);
-        nv.addLabel(`#${f.id} ${f.score.toFixed(2)}`, style, ras(f.center_world_xyz_mm));
-      }
+    if (!current || (view !== 'multi' && view !== 'render')) return;
+    for (const f of current.findings) {
+      if (f.score < current.threshold) continue;
+      const c = [...colour(f.id).map((v) => v / 255), 1];
+      const style = new window.niivue.NVLabel3DStyle(c, 1.0, undefined, 1, c, undefined, 1.0, c, [0, 0, 0, 0.5]);
+      nv.addLabel(`#${f.id} ${f.score.toFixed(2)}`, style, ras(f.center_world_xyz_mm));
     }
+  }
+
+  function applyOverlay() {
+    if (!nv || !current) return;
+    placeMarkers();
+    if (!current.labels) { nv.drawScene(); return; }
+    prepareLabels();
     nv.updateGLVolume();
   }
 
@@ -150,7 +156,8 @@
     const types = { multi: nv.sliceTypeMultiplanar, axial: nv.sliceTypeAxial, coronal: nv.sliceTypeCoronal,
       sagittal: nv.sliceTypeSagittal, render: nv.sliceTypeRender };
     nv.setSliceType(types[name]);
-    applyOverlay();
+    placeMarkers();
+    nv.drawScene();
   }
 
   function jumpTo(finding) {
@@ -339,17 +346,18 @@
     }
     if (mine !== generation) return;
     const t1 = performance.now();  // decoded
-    while (nv.volumes.length) nv.removeVolume(nv.volumes[0]);
-    nv.addVolume(scan);
-    if (labels) nv.addVolume(labels);
     current = { job, findings, scan, labels, labelValues: labels ? labels.img.slice() : null, threshold,
       selected: null, loadMs: 0, timings: {} };
+    [scan.cal_min, scan.cal_max] = WINDOWS[document.querySelector('[data-window].active').dataset.window];
+    if (labels) prepareLabels();
+    while (nv.volumes.length) nv.removeVolume(nv.volumes[0]);
+    nv.addVolume(scan);
+    if (labels) nv.addVolume(labels);  // (each addVolume renders every layer: the label layer once, ready)
+    placeMarkers();
     const slider = $('score-slider');
     slider.min = String(threshold);
     slider.value = String(threshold);
     $('score-value').textContent = threshold.toFixed(2);
-    setWindow(document.querySelector('[data-window].active').dataset.window);
-    applyOverlay();
     renderNodules();
     renderDownloads(job);
     if (findings.length) jumpTo(findings[0]);
