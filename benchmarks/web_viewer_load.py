@@ -75,6 +75,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="nodulenet-webbench-") as tmp:
         root = Path(tmp)
         scan, shape = make_scan(root, args.dicom)
+        upload_bytes = scan.stat().st_size
         print(f"scan {scan.name}: {shape[2]} x {shape[1]} x {shape[0]} voxels, {scan.stat().st_size / 1e6:.1f} MB")
         with running_server(root / "data", workers=1, args=["--max-upload-mb", "2000"], timeout_s=600) as server:
             client = server.client()
@@ -120,7 +121,7 @@ def main() -> None:
 
     figures = {
         "scan_shape_xyz": [shape[2], shape[1], shape[0]], "input": "dicom-zip" if args.dicom else "nifti",
-        "upload_bytes": scan.stat().st_size if scan.exists() else None,
+        "upload_bytes": upload_bytes,
         "volume_bytes": len(volume.content), "label_map_bytes": len(mask.content), "job_s": round(job_s, 1),
         **timings, "open_s": round(statistics.fmean(opens), 2), "open_s_each": [round(v, 2) for v in opens],
         "page_ms": {k: round(statistics.fmean(p[k] for p in niivue)) for k in niivue[0]}, "jump_ms": round(statistics.fmean(jumps)) if jumps else None,
