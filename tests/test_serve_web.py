@@ -24,9 +24,9 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-
 from _chromium import chromium, console_errors, missing, wait_until
 from _serverproc import running_server
+
 from nodulenet.preprocess.phantom import PhantomConfig, write_phantom
 from nodulenet.serve.privacy import MaskSecrets, make_data_private, mask_secrets
 from nodulenet.serve.settings import DISCLAIMER, ServerSettings
@@ -287,7 +287,7 @@ def test_browser_login_upload_job_table_click_and_overlay_pixels(phantom: Path, 
     scale = tile[2] / (geometry["spacing"][0] * geometry["size"][0])
     assert abs(corner[0] - tile[0]) <= 1.0 + scale, (corner, tile)  # both put the scan's right edge at the left
 
-    l, t, w, h = (int(round(v)) for v in tile)
+    l, t, w, h = (round(v) for v in tile)
     axial = pixels[t:t + h, l:l + w]
     yy, xx = np.mgrid[t:t + h, l:l + w]
     colours = {int(k): v for k, v in state["colours"].items()}

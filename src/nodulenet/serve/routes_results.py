@@ -22,8 +22,8 @@ logger = logging.getLogger("nodulenet.serve")
 
 VIEWER_SCAN = Path("viewer") / "scan.nii.gz"  # under the job folder, beside result/ (not one of predict's outputs)
 # /jobs/{id}/<name>: the job's output file of <kind> (404 naming <what> when it has none)
-KIND_ROUTES = (("nodules", "nodules_json", "nodules.json", "nodules.json (schema nodulenet.nodules/1), exactly as "
-                                                            "local predict writes it."),
+KIND_ROUTES = (("nodules", "nodules_json", "nodules.json",
+                "nodules.json (schema nodulenet.nodules/1), exactly as local predict writes it."),
                ("mask", "label_map", "label map", "The label map on the input's grid (value = finding id)."),
                ("seg", "dicom_seg", "DICOM SEG", "DICOM SEG of the findings (DICOM input only)."),
                ("report", "report_html", "report", "report.html."))

@@ -27,9 +27,9 @@ from typing import Callable
 import nodulenet
 from nodulenet.errors import NoduleNetError
 from nodulenet.io.atomic import write_json_atomic
+from nodulenet.serve.privacy import make_data_private, setup_log
 from nodulenet.serve.settings import DISCLAIMER, ServerSettings
 from nodulenet.serve.store import JobStore, utc_now
-from nodulenet.serve.privacy import make_data_private, setup_log
 from nodulenet.serve.worker import SERVER_STOPPED, WorkerPool, process_started, read_job_result
 
 logger = logging.getLogger("nodulenet.serve")
