@@ -6,7 +6,8 @@ file behind it, no path out of the static folders, the vendored NiiVue matches i
 file are 0600 and the folders 0700. In headless chromium (SwiftShader WebGL2): a wrong token gets the login form
 again and no data; the right one logs in, uploads the small phantom, follows the job, lists its nodules; clicking one
 moves the axial view to it, and the screenshot shows that finding's overlay colour at the nodule's projected position
-(computed here from the NIfTI geometry, independently of NiiVue) and no overlay colour anywhere else in the view.
+(computed here from the NIfTI geometry, independently of NiiVue) and no overlay colour anywhere else in the view;
+the score slider takes a finding out of the table and the picture.
 """
 
 from __future__ import annotations
@@ -265,6 +266,17 @@ def test_browser_login_upload_job_table_click_and_overlay_pixels(phantom: Path, 
         shot.write_bytes(driver.find_element(By.ID, "gl").screenshot_as_png)
         driver.save_screenshot(str(tmp_path / "page.png"))
 
+        # the score slider above the lowest shown score: that finding leaves the table and the picture
+        cut = round(min(f["score"] for f in expected) + 0.005, 2)
+        if cut <= 1.0:
+            driver.execute_script(f"const s = document.getElementById('score-slider'); s.value = '{cut}';"
+                                  "s.dispatchEvent(new Event('input')); return 1")
+            time.sleep(0.5)
+            left = [int(r.get_attribute("data-id")) for r in
+                    driver.find_elements(By.CSS_SELECTOR, "#nodule-table tbody tr")]
+            assert left == [f["id"] for f in expected if f["score"] >= cut], (cut, left)
+            hidden_shot = driver.find_element(By.ID, "gl").screenshot_as_png
+
         volume = httpx.get(f"{server.url}/v1/jobs/{job_id}/volume", headers=server.headers(), timeout=30)
         mask = httpx.get(f"{server.url}/v1/jobs/{job_id}/mask", headers=server.headers(), timeout=30)
         assert volume.status_code == 200 and mask.status_code == 200
@@ -314,6 +326,14 @@ def test_browser_login_upload_job_table_click_and_overlay_pixels(phantom: Path, 
         stray = _of_colour(axial, colour) & ~allowed
         assert stray.sum() == 0, (fid, int(stray.sum()), np.argwhere(stray)[:5].tolist())
     assert (mine & allowed).sum() >= disk.sum()
+
+    if cut <= 1.0:  # the hidden finding's colour is gone from the axial view
+        import io
+
+        hidden = np.asarray(Image.open(io.BytesIO(hidden_shot)).convert("RGB"))[t:t + h, l:l + w]
+        for f in expected:
+            if f["score"] < cut:
+                assert _of_colour(hidden, colours[f["id"]]).sum() == 0, f["id"]
 
 
 def test_volume_before_the_job_is_done_is_409(api) -> None:
