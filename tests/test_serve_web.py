@@ -15,6 +15,7 @@ from __future__ import annotations
 import colorsys
 import gzip
 import hashlib
+import json
 import logging
 import os
 import stat
@@ -265,6 +266,17 @@ def test_browser_login_upload_job_table_click_and_overlay_pixels(phantom: Path, 
         shot = tmp_path / "viewer.png"
         shot.write_bytes(driver.find_element(By.ID, "gl").screenshot_as_png)
         driver.save_screenshot(str(tmp_path / "page.png"))
+
+        # downloads go through fetch() with the token: the file saved is the server's
+        downloads = tmp_path / "downloads"
+        downloads.mkdir()
+        driver.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+        driver.find_element(By.CSS_SELECTOR, "#downloads button[data-file='nodules.json']").click()
+        deadline = time.monotonic() + 20
+        while not (downloads / "nodules.json").is_file() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(0.3)
+        assert json.loads((downloads / "nodules.json").read_text()) == nodules
 
         # the score slider above the lowest shown score: that finding leaves the table and the picture
         cut = round(min(f["score"] for f in expected) + 0.005, 2)
