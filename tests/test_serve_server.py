@@ -224,6 +224,17 @@ def test_zipped_dicom_series_gives_seg_and_the_same_findings(server, scans, loca
     assert_same_findings(nodules, local / "scan" / "nodules.json")
     names = {f["name"] for f in client.job(job["id"])["files"]}
     assert {"seg.dcm", "sr.dcm", "nodules.json", "labels.nii.gz"} <= names
+    # the web viewer's copy of the scan (made from the DICOM series on first request): the series' voxels, on the
+    # label map's grid
+    volume = tmp_path / "volume.nii.gz"
+    volume.write_bytes(httpx.get(f"{server.url}/v1/jobs/{job['id']}/volume", headers=server.headers(),
+                                 timeout=60).raise_for_status().content)
+    labels = client.fetch(job["id"], "mask", tmp_path / "labels.nii.gz")
+    scan, label_map, phantom = read_image(volume), read_image(labels), read_image(scans["nifti"])
+    assert scan.geometry.shape_zyx == label_map.geometry.shape_zyx == phantom.geometry.shape_zyx
+    np.testing.assert_allclose(scan.geometry.origin_xyz_mm, label_map.geometry.origin_xyz_mm, atol=1e-4)
+    np.testing.assert_allclose(scan.geometry.spacing_zyx, label_map.geometry.spacing_zyx, atol=1e-5)
+    np.testing.assert_array_equal(scan.array, phantom.array)
 
 
 def test_a_scan_that_cannot_be_read_fails_with_one_line(server, scans) -> None:

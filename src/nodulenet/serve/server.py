@@ -27,9 +27,10 @@ from typing import Any, Callable, Sequence
 import nodulenet
 from nodulenet.errors import NoduleNetError
 from nodulenet.io.atomic import write_json_atomic
+from nodulenet.serve.privacy import make_data_private, setup_log
 from nodulenet.serve.settings import DISCLAIMER, ServerSettings
 from nodulenet.serve.store import JobStore, utc_now
-from nodulenet.serve.worker import SERVER_STOPPED, WorkerPool, process_started, read_job_result, setup_log
+from nodulenet.serve.worker import SERVER_STOPPED, WorkerPool, process_started, read_job_result
 
 logger = logging.getLogger("nodulenet.serve")
 
@@ -131,7 +132,7 @@ def run_server(settings: ServerSettings, *, token_source: str, say: Callable[[st
     from nodulenet.serve.settings import check_bind, token_fingerprint
 
     check_bind(settings.host, settings.tls, settings.insecure)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    make_data_private(settings.data_dir)  # before anything is written: the log, store and results are 0600
     lock_fd = acquire_lock(settings.lock_path)
     setup_log(settings.log_path, f"server[{os.getpid()}]")
     logger.info("starting nodulenet %s server: %s", nodulenet.__version__, json.dumps(settings.to_public_dict()))

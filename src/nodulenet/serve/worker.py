@@ -33,6 +33,7 @@ from typing import Any, Callable
 
 from nodulenet.errors import NoduleNetError
 from nodulenet.infer.weights import file_sha256
+from nodulenet.serve.privacy import setup_log
 from nodulenet.serve.store import Job, JobStore
 
 logger = logging.getLogger("nodulenet.serve")
@@ -61,16 +62,6 @@ def _die_with_parent() -> None:
         libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
     except OSError:
         pass
-
-
-def setup_log(path: Path, prefix: str) -> None:
-    """Log INFO and above to ``path`` (append; one line per record, several processes share the file)."""
-    root = logging.getLogger()
-    root.setLevel(logging.INFO)
-    handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix} %(levelname)s %(name)s: %(message)s"))
-    root.addHandler(handler)
-    logging.getLogger("highdicom").setLevel(logging.WARNING)  # one INFO line per copied DICOM module otherwise
 
 
 def read_job_result(job_dir: Path) -> dict[str, Any] | None:
