@@ -21,7 +21,8 @@ from torch import Tensor
 
 from nodulenet.model import NoduleNet, NoduleTargets
 from nodulenet.model.box_ops import box_iou_3d
-from nodulenet.model.losses import rcnn_loss, rpn_loss
+from nodulenet.model.losses import mask_loss, rcnn_loss, rpn_loss
+from nodulenet.model.mask_head import mask_crop_boxes, mask_training_targets
 from nodulenet.model.rcnn import RcnnHead, feature_crop_ranges, refine_detections
 from nodulenet.model.targets import (LABEL_IGNORE, LABEL_NEGATIVE, LABEL_POSITIVE, RcnnSampleKeys, RcnnTargets,
                                      _keep_random, assign_rpn_targets, draw_rcnn_keys, stack_rpn_targets)
@@ -209,6 +210,29 @@ def reference_losses(model: NoduleNet, images: Tensor, targets: Sequence[NoduleT
                                        model.box_coder, cfg.rcnn_train_score_threshold, cfg.rcnn_train_nms_iou)
             start += n
             boxes.append(det)
-        losses["mask"] = model._mask_loss(x, features, boxes, targets)
+        losses["mask"] = old_mask_loss(model, x, features, boxes, targets)
     losses["total"] = model._total(losses)
     return losses
+
+
+def old_mask_loss(model: NoduleNet, x: Tensor, features, det_boxes: list[Tensor],
+                  targets: Sequence[NoduleTargets]) -> Tensor:
+    """The old mask loss: targets pasted crop by crop, the mask head on a list of crops, Dice crop by crop."""
+    cfg = model.config
+    shape = tuple(int(s) for s in x.shape[2:])
+    crops_per_image: list[Tensor] = []
+    all_targets: list[Tensor] = []
+    for boxes, t in zip(det_boxes, targets):
+        gt_boxes = t.gt_boxes.float()
+        if cfg.mask_train_on_gt_boxes:
+            boxes = torch.cat((boxes, gt_boxes), dim=0)
+        crops = mask_crop_boxes(boxes, shape, cfg.mask_box_multiple)
+        matched, mask_targets = mask_training_targets(boxes, crops, gt_boxes, t.gt_masks, t.gt_mask_origins,
+                                                      cfg.mask_match_iou)
+        crops_per_image.append(crops[matched])
+        all_targets += mask_targets
+    logits = model._run_mask_head(x, features, crops_per_image)
+    if not logits:
+        return sum((p.sum() * 0.0 for p in model.mask_head.parameters()), torch.zeros(()))
+    return mask_loss(logits, all_targets)
+

@@ -44,9 +44,9 @@ from .backbone import BackboneFeatures, FeatureNet
 from .box_coder import BoxCoder
 from .config import NoduleNetConfig
 from .fpn import AnchorCache, RpnOutput, build_rpn_heads, run_rpn
-from .losses import mask_loss, rcnn_loss, rpn_loss
-from .mask_head import MaskHead, mask_crop_boxes, mask_nms, mask_training_targets
-from .box_ops import nms_batched_top_k
+from .losses import rcnn_loss, rpn_loss
+from .mask_head import MaskHead, batched_mask_loss, mask_crop_boxes, mask_nms, pad_nodule_masks
+from .box_ops import box_iou_3d, nms_batched_top_k
 from .rcnn import RcnnHead, crop_and_pool, feature_crop_ranges, refine_detections
 from .rpn import BatchedBoxes, clamp_box_centres, select_proposals, select_proposals_batched
 from .targets import (RcnnTargets, assign_rpn_targets_batched, draw_rcnn_keys, pad_gt_boxes, sample_rcnn_batched,
@@ -380,26 +380,29 @@ class NoduleNet(nn.Module):
     def _mask_loss(
         self, x: Tensor, features: BackboneFeatures, det_boxes: list[Tensor], targets: Sequence[NoduleTargets]
     ) -> Tensor:
+        """Mask loss over every image's boxes that overlap a nodule (``mask_training_targets`` rules), batched."""
         cfg = self.config
         shape = tuple(int(s) for s in x.shape[2:])
-        crops_per_image: list[Tensor] = []
-        all_targets: list[Tensor] = []
-        for boxes, t in zip(det_boxes, targets):
+        crops, images, nodules, masks, origins = [], [], [], [], []
+        for b, (boxes, t) in enumerate(zip(det_boxes, targets)):
+            assert t.gt_masks is not None and t.gt_mask_origins is not None
             gt_boxes = t.gt_boxes.to(device=x.device, dtype=torch.float32)
             if cfg.mask_train_on_gt_boxes:
                 boxes = torch.cat((boxes, gt_boxes), dim=0)
-            crops = mask_crop_boxes(boxes, shape, cfg.mask_box_multiple)
-            assert t.gt_masks is not None and t.gt_mask_origins is not None
-            matched, mask_targets = mask_training_targets(
-                boxes, crops, gt_boxes, t.gt_masks, t.gt_mask_origins.to(x.device), cfg.mask_match_iou
-            )
-            crops_per_image.append(crops[matched])
-            all_targets += mask_targets
-        logits = self._run_mask_head(x, features, crops_per_image)
-        if not logits:
+            if boxes.shape[0] and gt_boxes.shape[0]:
+                best_iou, best_gt = box_iou_3d(boxes, gt_boxes).max(dim=1)
+                matched = best_iou >= cfg.mask_match_iou
+                crops.append(mask_crop_boxes(boxes, shape, cfg.mask_box_multiple)[matched])
+                images.append(torch.full((boxes.shape[0],), b, device=x.device)[matched])
+                nodules.append(best_gt[matched] + len(masks))
+            masks += list(t.gt_masks)
+            origins.append(t.gt_mask_origins.to(device=x.device, dtype=torch.long).reshape(-1, 3))
+        if not crops or sum(c.shape[0] for c in crops) == 0:
             # No nodule in reach: a zero that still touches the mask head keeps DDP's unused-parameter check quiet.
             return sum((p.sum() * 0.0 for p in self.mask_head.parameters()), torch.zeros((), device=x.device))
-        return mask_loss(logits, all_targets)
+        padded, sizes = pad_nodule_masks(masks, x.device)
+        return batched_mask_loss(self.mask_head, x, features.out1, features.comb2, torch.cat(crops),
+                                 torch.cat(images), torch.cat(nodules), padded, sizes, torch.cat(origins))
 
     def _finish(
         self,

@@ -99,9 +99,8 @@ def roi_adaptive_max_pool3d(
     ``levels^3`` tables of the 3-D sliding maxima every bin is the maximum of 8 table lookups. Building the tables
     is a few dozen whole-map ``maximum`` ops, the lookups are 8 gathers for all regions: no per-region slices,
     no host round trip (the old per-proposal slicing issued ~35,000 tensor calls per tiny-network training step).
-    Values equal ``F.adaptive_max_pool3d`` bit for bit; the gradient goes to one arg-max voxel per bin, as
-    ``adaptive_max_pool3d``'s does (ties only occur between equal values, in practice ReLU zeros, whose
-    gradient the ReLU drops either way).
+    Values equal ``F.adaptive_max_pool3d`` bit for bit, and so does the gradient (it reaches each bin's arg-max
+    voxel; see :func:`_pool_from_tables` for exact ties).
     """
     n = ranges.shape[0]
     b_size, channels = features.shape[:2]
@@ -111,7 +110,8 @@ def roi_adaptive_max_pool3d(
     limit = [s if max_region is None else max(1, min(s, max_region)) for s in spatial]
     levels = [_levels(max(_max_bin_width(length, bins) for length in range(1, lim + 1))) for lim in limit]
     lookups = _bin_lookups(ranges, bins, levels, spatial)
-    return _RoiMaxPool.apply(features, batch_index, lookups, levels)
+    pooled = _pool_from_tables(features, batch_index, lookups, levels)
+    return pooled.permute(0, 2, 1).reshape(n, channels, bins, bins, bins)
 
 
 def _bin_lookups(ranges: Tensor, bins: int, levels: list[int], spatial: tuple[int, ...]) -> tuple[Tensor, Tensor]:
@@ -142,77 +142,50 @@ def _bin_lookups(ranges: Tensor, bins: int, levels: list[int], spatial: tuple[in
     return tables, pos.reshape(8, ranges.shape[0], -1)
 
 
-def _sliding_max(values: Tensor, index: Tensor, dim: int, shift: int) -> tuple[Tensor, Tensor]:
-    """Max of each position and the one ``shift`` further along ``dim`` (the last one repeats), with its arg."""
+def _sliding_max(values: Tensor, dim: int, shift: int) -> Tensor:
+    """Max of each position and the one ``shift`` further along ``dim`` (the last one repeats)."""
     size = values.shape[dim]
     ahead = torch.clamp(torch.arange(shift, size + shift, device=values.device), max=size - 1)
-    v2, i2 = values.index_select(dim, ahead), index.index_select(dim, ahead)
-    take = v2 > values
-    return torch.where(take, v2, values), torch.where(take, i2, index)
+    return torch.maximum(values, values.index_select(dim, ahead))
 
 
-def _build_tables(features: Tensor, levels: list[int]) -> tuple[Tensor, Tensor]:
-    """``[T, B, Z*Y*X, C]`` sliding-maximum tables (T = product of levels, z level slowest) and their arg-max."""
+def _build_tables(features: Tensor, levels: list[int]) -> Tensor:
+    """``[T * B * Z*Y*X, C]`` sliding-maximum tables (T = product of levels, z level slowest; rows of C values)."""
     b, c, z, y, x = features.shape
-    base_index = torch.arange(z * y * x, device=features.device, dtype=torch.int32).view(1, 1, z, y, x)
-    current = [(features, base_index.expand(b, c, z, y, x))]
-    for axis, dim in ((0, 2), (1, 3), (2, 4)):  # after the loop: table (lz, ly, lx) at lz*Ly*Lx + ly*Lx + lx
+    current = [features.permute(0, 2, 3, 4, 1)]  # [B, Z, Y, X, C]: a lookup reads one C-long row
+    for axis in range(3):  # after the loop: table (lz, ly, lx) at lz*Ly*Lx + ly*Lx + lx
         grown = []
-        for values, index in current:
-            per_level = [(values, index)]
+        for values in current:
+            per_level = [values]
             for level in range(1, levels[axis]):
-                per_level.append(_sliding_max(*per_level[-1], dim, 1 << (level - 1)))
+                per_level.append(_sliding_max(per_level[-1], axis + 1, 1 << (level - 1)))
             grown.extend(per_level)
         current = grown
-    values = torch.stack([v for v, _ in current]).flatten(3).transpose(2, 3)
-    index = torch.stack([i for _, i in current]).flatten(3).transpose(2, 3)
-    return values, index
+    return torch.stack(current).reshape(-1, c)
 
 
-class _RoiMaxPool(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, features, batch_index, lookups, levels):  # type: ignore[override]
-        tables, positions = lookups
-        b, c = features.shape[:2]
-        zyx = features.shape[2] * features.shape[3] * features.shape[4]
-        n, cells = tables.shape
-        n_tables = levels[0] * levels[1] * levels[2]
-        rows_base = (tables * b + batch_index[:, None]) * zyx  # row of (table, image, position 0)
-        per_chunk = max(1, _TABLE_CHUNK_ELEMENTS // max(1, n_tables * b * zyx))
-        out_values, out_index = [], []
-        with torch.no_grad():
-            for c0 in range(0, c, per_chunk):
-                values, index = _build_tables(features[:, c0 : c0 + per_chunk].detach(), levels)
-                values = values.reshape(-1, values.shape[-1])
-                index = index.reshape(-1, index.shape[-1])
-                best_v = best_i = None
-                for corner in range(8):
-                    rows = (rows_base + positions[corner]).flatten()
-                    v, i = values.index_select(0, rows), index.index_select(0, rows)
-                    if best_v is None:
-                        best_v, best_i = v, i
-                    else:
-                        take = v > best_v
-                        best_v, best_i = torch.where(take, v, best_v), torch.where(take, i, best_i)
-                out_values.append(best_v)
-                out_index.append(best_i)
-        pooled = torch.cat(out_values, dim=1).view(n, cells, c)  # [N, bins^3, C]
-        argmax = torch.cat(out_index, dim=1).view(n, cells, c).long()
-        ctx.save_for_backward(batch_index, argmax)
-        ctx.feature_shape = tuple(features.shape)
-        bins = round(cells ** (1 / 3))
-        return pooled.permute(0, 2, 1).reshape(n, c, bins, bins, bins)
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        batch_index, argmax = ctx.saved_tensors
-        b, c = ctx.feature_shape[:2]
-        zyx = ctx.feature_shape[2] * ctx.feature_shape[3] * ctx.feature_shape[4]
-        n = grad.shape[0]
-        target = (batch_index[:, None, None] * c + torch.arange(c, device=grad.device)[None, None, :]) * zyx + argmax
-        flat = grad.new_zeros(b * c * zyx)
-        flat.index_add_(0, target.flatten(), grad.reshape(n, c, -1).transpose(1, 2).flatten())
-        return flat.view(ctx.feature_shape), None, None, None
+def _pool_from_tables(features: Tensor, batch_index: Tensor, lookups: tuple[Tensor, Tensor],
+                      levels: list[int]) -> Tensor:
+    """``[N, bins^3, C]`` pooled maxima: per bin the max of its 8 table lookups. Plain differentiable ops, so
+    autograd routes the gradient back through the lookups and the ``maximum``s to the arg-max voxels (an exact
+    tie of two different voxels shares it, as ``amax`` does; in practice only ReLU zeros tie, and the ReLU drops
+    their gradient)."""
+    tables, positions = lookups
+    b, c = features.shape[:2]
+    zyx = features.shape[2] * features.shape[3] * features.shape[4]
+    n, cells = tables.shape
+    n_tables = levels[0] * levels[1] * levels[2]
+    rows_base = (tables * b + batch_index[:, None]) * zyx  # row of (table, image, position 0)
+    per_chunk = max(1, _TABLE_CHUNK_ELEMENTS // max(1, n_tables * b * zyx))
+    out = []
+    for c0 in range(0, c, per_chunk):
+        values = _build_tables(features[:, c0 : c0 + per_chunk], levels)
+        best = None
+        for corner in range(8):
+            v = values.index_select(0, (rows_base + positions[corner]).flatten())
+            best = v if best is None else torch.maximum(best, v)
+        out.append(best)
+    return torch.cat(out, dim=1).view(n, cells, c)
 
 
 class RcnnHead(nn.Module):

@@ -20,41 +20,27 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shlex
-import sys
-import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                           TimeRemainingColumn)
-from torch.nn.parallel import DistributedDataParallel
 
-import nodulenet
-from nodulenet.data.cases import PreparedCase, find_case_dirs, load_cases
-from nodulenet.data.dataset import CropBatch, CropDataset, ResumableDistributedSampler, make_loader
+from nodulenet.data.cases import find_case_dirs
+from nodulenet.data.dataset import CropBatch
 from nodulenet.data.sampling import HardNegative
 from nodulenet.data.splits import read_split
 from nodulenet.errors import InputError
-from nodulenet.io.atomic import write_json_atomic
-from nodulenet.model.checkpoint import CheckpointMismatchError, model_from_checkpoint_dict
-from nodulenet.model.nodulenet import NoduleNet, NoduleTargets
-
 from nodulenet.io.config_files import read_config_file
+from nodulenet.model.nodulenet import NoduleTargets
 
-from .checkpoint_files import (BEST, FINAL_MODEL, LAST, TrainState, export_model, load_checkpoint, resume_parts,
-                               save_checkpoint, training_checkpoint_dict)
+from .checkpoint_files import LAST, TrainState, load_checkpoint, resume_parts
 from .config import RESUMABLE_CHANGES, TrainConfig, config_differences
-from .distributed import (DistInfo, all_ranks_true, barrier, broadcast_buffers, cleanup_distributed, gather_objects,
-                          mean_over_ranks, setup_distributed, weights_digest)
-from .schedule import learning_rate, make_optimizer, set_learning_rate, stage_start_epochs, stages_for_epoch
-from .validate import mine_hard_negatives, validate
+from .distributed import DistInfo, barrier, cleanup_distributed, setup_distributed
+from .trainer import CONFIG_FORMAT, RunContext, Trainer
 
-CONFIG_FORMAT = "nodulenet-train-config"
+__all__ = ["CONFIG_FORMAT", "TrainSummary", "Trainer", "train"]
 
 
 @dataclass
@@ -274,251 +260,8 @@ def _train(config: TrainConfig | None, out: Path, resume: bool | str | Path, sho
     per_rank_batch = config.batch_size // info.world_size
     run_log = _RunLog(out, info, console, state.global_step if checkpoint is not None else None)
     try:
-        return _run(config, out, checkpoint, state, per_rank_batch, show_progress, console, on_step, info, run_log)
+        ctx = RunContext(out=out, info=info, run_log=run_log, console=console, show_progress=show_progress,
+                         on_step=on_step)
+        return Trainer(config, ctx, checkpoint, state, per_rank_batch).run()
     finally:
         run_log.close()
-
-
-def _run(config: TrainConfig, out: Path, checkpoint: dict[str, Any] | None, state: TrainState, per_rank_batch: int,
-         show_progress: bool, console: Console, on_step: Callable[[TrainState, dict[str, float]], None] | None, info: DistInfo,
-         run_log: _RunLog) -> TrainSummary:
-    t_setup = time.perf_counter()
-    train_dirs, val_dirs, missing = resolve_case_dirs(config)
-    cache_dir = config.index_cache_dir or str(out / "case_index")
-    train_report = load_cases(train_dirs, lung_point_stride=config.crop.lung_point_stride, cache_dir=cache_dir)
-    val_report = load_cases(val_dirs, lung_point_stride=config.crop.lung_point_stride, cache_dir=cache_dir)
-    skipped = missing + [p.to_dict() for p in (*train_report.problems, *val_report.problems)]
-    for s in skipped:
-        run_log.warning("skipped case %s: %s: %s", s["case_id"], s["file"], s["problem"])
-    prepare_config = common_prepare_config([c.case_dir for c in train_report.cases], run_log)
-    if not train_report.cases:
-        raise InputError(config.prepared_roots[0], "no usable training case (see the skipped cases above)")
-    val_cases: list[PreparedCase] = val_report.cases[: config.val_max_cases] if config.val_max_cases else \
-        val_report.cases
-
-    dataset = CropDataset(train_report.cases, config.crop, config.augment, config.seed,
-                          _load_hard_negatives(out, state.hard_negatives_file))
-    sampler = ResumableDistributedSampler(dataset, info.world_size, info.rank, config.seed)
-    steps_per_epoch = sampler.num_samples // per_rank_batch
-    if steps_per_epoch == 0:
-        raise InputError(None, f"{len(dataset)} crops per epoch give no full batch of {per_rank_batch} per process: "
-                               "lower batch_size or raise crop.samples_per_epoch")
-    loader_kwargs = dict(batch_size=per_rank_batch, workers=config.workers,
-                         pin_memory=config.pin_memory and info.device.type == "cuda")
-
-    torch.manual_seed(config.seed)  # same initial weights on every rank and every rerun
-    model_config = config.model_network_config()
-    model = NoduleNet(model_config)
-    if config.init_checkpoint and checkpoint is None:
-        try:
-            model.load_state_dict(model_from_checkpoint_dict(load_checkpoint(config.init_checkpoint)).model.state_dict())
-        except (CheckpointMismatchError, RuntimeError) as exc:
-            raise InputError(config.init_checkpoint, f"does not fit the configured network: {exc}") from None
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["state_dict"])
-    model.to(info.device)
-    if config.sync_bn and info.distributed:
-        if info.device.type != "cuda":
-            run_log.warning("sync_bn needs GPUs; ignored on CPU")
-        else:
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    optimizer = make_optimizer(config, model)
-    amp_dtype, needs_scaler = resolve_amp(config.amp, info.device)
-    scaler = torch.amp.GradScaler("cuda") if needs_scaler else None
-    if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        if scaler is not None and checkpoint.get("grad_scaler"):
-            scaler.load_state_dict(checkpoint["grad_scaler"])
-    # find_unused_parameters: in the RPN-only epochs the RCNN and mask heads get no gradient.
-    net: torch.nn.Module = DistributedDataParallel(
-        model, device_ids=[info.device] if info.device.type == "cuda" else None, find_unused_parameters=True
-    ) if info.distributed else model
-
-    def autocast() -> Any:
-        return torch.autocast(info.device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
-
-    resolved = {
-        "device": str(info.device), "world_size": info.world_size, "backend": info.backend,
-        "per_process_batch": per_rank_batch, "crops_per_epoch": len(dataset), "steps_per_epoch": steps_per_epoch,
-        "stage_start_epochs": stage_start_epochs(config), "base_lr": config.base_lr,
-        "amp_dtype": str(amp_dtype).replace("torch.", "") if amp_dtype else "float32",
-        "n_parameters": sum(p.numel() for p in model.parameters()),
-        "validation": "whole prepared cases, LUNA16 FROC/CPM (n_bootstrap=0)" if val_cases else "none",
-    }
-    if info.is_main:
-        write_json_atomic(out / "config.json", {
-            "format": CONFIG_FORMAT, "nodulenet_version": nodulenet.__version__, "torch_version": torch.__version__,
-            # orig_argv keeps "python -m nodulenet train ..." (argv[0] would be the path of __main__.py).
-            "command": " ".join(shlex.quote(a) for a in getattr(sys, "orig_argv", sys.argv)),
-            "train": config.to_dict(), "model": model_config.to_dict(), "resolved": resolved,
-            "cases": {"train": [c.case_id for c in train_report.cases], "val": [c.case_id for c in val_cases]},
-            "n_train_nodules": train_report.n_nodules, "skipped_cases": skipped,
-        })
-        write_json_atomic(out / "skipped_cases.json", skipped)
-    run_log.info("%s %s: %d training cases (%d nodules), %d validation cases, %d skipped; %s",
-                 "resumed at epoch %d step %d" % (state.epoch, state.step_in_epoch) if checkpoint else "started",
-                 out, len(train_report.cases), train_report.n_nodules, len(val_cases), len(skipped),
-                 json.dumps(resolved), echo=show_progress)
-
-    def save_last() -> None:
-        if info.is_main:
-            save_checkpoint(training_checkpoint_dict(model, model_config, optimizer, state, config.to_dict(), scaler,
-                                                     prepare_config),
-                            out / LAST)
-
-    total_steps = steps_per_epoch * config.epochs
-    if config.max_steps:
-        total_steps = min(total_steps, config.max_steps)
-    progress = Progress(TextColumn("[bold]train[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
-                        console=console, disable=not (show_progress and info.is_main))
-    status = "finished"
-    running: dict[str, list[float]] = {}
-    wait_seconds = compute_seconds = 0.0
-    t_run = time.perf_counter()
-    run_log.info("setup took %.1f s", t_run - t_setup)
-    with progress:
-        task = progress.add_task(f"epoch {state.epoch}", total=total_steps, completed=min(state.global_step,
-                                                                                          total_steps), status="")
-        while state.epoch < config.epochs and status == "finished":
-            epoch = state.epoch
-            stages = stages_for_epoch(config, epoch)
-            dataset.set_epoch(epoch)
-            sampler.set_epoch(epoch)
-            sampler.set_start(state.step_in_epoch * per_rank_batch)
-            net.train()
-            progress.update(task, description=f"epoch {epoch} [{'+'.join(stages)}]")
-            t_wait = time.perf_counter()
-            for batch in make_loader(dataset, sampler, **loader_kwargs):
-                if state.step_in_epoch >= steps_per_epoch:
-                    break
-                t_step = time.perf_counter()
-                wait_seconds += t_step - t_wait
-                lr = learning_rate(config, epoch, state.global_step)
-                set_learning_rate(optimizer, lr)
-                images = batch.images.to(info.device, non_blocking=True)
-                with autocast():
-                    losses = net(images, to_targets(batch, info.device), mode="train", stages=stages,
-                                 generator=step_generator(config.seed, state.global_step, info.rank))
-                total = losses["total"]
-                optimizer.zero_grad(set_to_none=True)
-                grad_norm = float("nan")
-                if all_ranks_true(bool(torch.isfinite(total.detach()).item()), info):
-                    (scaler.scale(total) if scaler is not None else total).backward()
-                    if scaler is not None:
-                        scaler.unscale_(optimizer)
-                    if config.grad_clip_norm is not None:
-                        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm))
-                    if scaler is not None:
-                        scaler.step(optimizer)
-                        scaler.update()
-                    else:
-                        optimizer.step()
-                else:
-                    # DDP waits for a backward after every training forward: run one that changes nothing.
-                    (total.nan_to_num(0.0, 0.0, 0.0) * 0.0).backward()
-                    optimizer.zero_grad(set_to_none=True)
-                    state.n_skipped_steps += 1
-                    run_log.warning("step %d: loss not finite on some rank (%s); step skipped", state.global_step,
-                                    {k: float(v) for k, v in losses.items()})
-                state.global_step += 1
-                state.step_in_epoch += 1
-                state.samples_seen += config.batch_size
-                compute_seconds += time.perf_counter() - t_step
-                step_losses = {k: float(v.detach()) for k, v in losses.items()}
-                for k, v in step_losses.items():
-                    running.setdefault(k, []).append(v)
-                running.setdefault("grad_norm", []).append(grad_norm)
-                if state.global_step % config.log_every_steps == 0 or state.step_in_epoch == steps_per_epoch:
-                    means = mean_over_ranks({k: sum(v) / len(v) for k, v in running.items()}, info)
-                    running.clear()
-                    busy = wait_seconds + compute_seconds
-                    run_log.scalars({**{f"loss/{k}": v for k, v in means.items() if k != "grad_norm"},
-                                     "train/grad_norm": means.get("grad_norm", float("nan")), "train/lr": lr,
-                                     "train/loader_wait_fraction": wait_seconds / busy if busy else 0.0,
-                                     "train/samples_per_second": state.samples_seen / max(
-                                         state.train_seconds + time.perf_counter() - t_run, 1e-9)},
-                                    state.global_step)
-                    run_log.info("epoch %d step %d (global %d) lr %.2e %s", epoch, state.step_in_epoch,
-                                 state.global_step, lr, " ".join(f"{k} {v:.4f}" for k, v in sorted(means.items())))
-                    progress.update(task, status=f"loss {means.get('total', float('nan')):.3f}")
-                progress.update(task, advance=1)
-                if config.checkpoint_every_steps and state.global_step % config.checkpoint_every_steps == 0:
-                    state.train_seconds += time.perf_counter() - t_run
-                    t_run = time.perf_counter()
-                    save_last()
-                if on_step is not None:
-                    on_step(state, step_losses)
-                if config.max_steps and state.global_step >= config.max_steps:
-                    status = "stopped"
-                    break
-                t_wait = time.perf_counter()
-            if status == "stopped" and state.step_in_epoch < steps_per_epoch:
-                state.train_seconds += time.perf_counter() - t_run
-                save_last()
-                break
-            # ---- end of epoch: hard negatives, validation, checkpoints
-            state.epoch, state.step_in_epoch = epoch + 1, 0
-            # Each rank's BatchNorm statistics moved with its own last batch: take rank 0's, as checkpoints do.
-            broadcast_buffers(model, info)
-            if (config.hard_negative_every_epochs and config.crop.hard_negative_fraction > 0
-                    and state.epoch % config.hard_negative_every_epochs == 0 and state.epoch < config.epochs):
-                mined = mine_hard_negatives(model, train_report.cases, info, stages, config.hard_negative_per_case,
-                                            config.hard_negative_min_score, autocast())
-                dataset.set_hard_negatives(mined)
-                name = f"hard_negatives/epoch_{state.epoch:04d}.json"
-                if info.is_main:
-                    write_json_atomic(out / name, {"epoch": state.epoch, "stages": list(stages),
-                                                   "hard_negatives": [h.to_dict() for h in mined]})
-                state.hard_negatives_file = name
-                run_log.info("mined %d hard negatives after epoch %d", len(mined), epoch, echo=show_progress)
-            is_last = state.epoch == config.epochs
-            if val_cases and config.val_every_epochs and (state.epoch % config.val_every_epochs == 0 or is_last):
-                result = validate(model, val_cases, info, stages, autocast())
-                result.update(epoch=epoch, global_step=state.global_step)
-                state.history.append(result)
-                cpm = result.get("cpm")
-                run_log.scalars({"val/cpm": cpm if cpm is not None else float("nan"),
-                                 **{f"val/sensitivity_at_{k}_fps": v
-                                    for k, v in (result.get("sensitivities_at") or {}).items()}}, state.global_step)
-                run_log.info("validation after epoch %d: CPM %s on %d cases (%d nodules, %d candidates) in %.1f s",
-                             epoch, "n/a" if cpm is None else f"{cpm:.4f}", result["n_cases"], result["n_nodules"],
-                             result["n_candidates"], result["seconds"], echo=show_progress)
-                if info.is_main:
-                    write_json_atomic(out / "history.json", state.history)
-                if cpm is not None and (state.best_cpm is None or cpm > state.best_cpm):
-                    state.best_cpm, state.best_epoch = cpm, epoch
-                    if info.is_main:
-                        save_checkpoint(training_checkpoint_dict(model, model_config, optimizer, state,
-                                                                 config.to_dict(), scaler, prepare_config),
-                                        out / BEST)
-            state.train_seconds += time.perf_counter() - t_run
-            t_run = time.perf_counter()
-            save_last()
-    if state.epoch >= config.epochs:
-        status = "finished"
-    broadcast_buffers(model, info)
-    digests = gather_objects(weights_digest(model), info)
-    model_file = None
-    if info.is_main and status == "finished":
-        source = out / BEST if (out / BEST).exists() else out / LAST
-        model_file = str(export_model(load_checkpoint(source), out / FINAL_MODEL))
-    summary = TrainSummary(
-        out_dir=str(out), status=status, epochs_completed=state.epoch, global_step=state.global_step,
-        samples_seen=state.samples_seen, train_seconds=round(state.train_seconds, 2),
-        samples_per_second=round(state.samples_seen / state.train_seconds, 3) if state.train_seconds else 0.0,
-        best_cpm=state.best_cpm, best_epoch=state.best_epoch,
-        last_checkpoint=str(out / LAST), best_checkpoint=str(out / BEST) if (out / BEST).exists() else None,
-        model_file=model_file, world_size=info.world_size, history=state.history, skipped_cases=skipped,
-        weights_sha256_per_rank=digests, n_skipped_steps=state.n_skipped_steps,
-    )
-    if info.is_main:
-        write_json_atomic(out / "summary.json", summary.to_dict())
-        if status == "finished":
-            from .model_card import write_model_card
-
-            write_model_card(out)
-    run_log.info("%s after %d steps (%d epochs) in %.0f s: %.2f samples/s; best CPM %s", status, state.global_step,
-                 state.epoch, state.train_seconds, summary.samples_per_second,
-                 "n/a" if state.best_cpm is None else f"{state.best_cpm:.4f}", echo=show_progress)
-    return summary
