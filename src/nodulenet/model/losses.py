@@ -206,7 +206,7 @@ def _rcnn_loss_masked(class_logits: Tensor, deltas: Tensor, targets: RcnnTargets
         # scatter_add, not bincount: bincount sizes its output from the data (a host round trip on a GPU).
         counts = weight.new_zeros(num_classes).scatter_add_(0, labels, weight)
         class_weight = weight.sum() / counts.clamp(min=1)
-        class_weight = class_weight / class_weight.sum()
+        class_weight = class_weight / class_weight.sum().clamp(min=1e-12)  # all rows padding: weights 0, not NaN
         per_sample = F.cross_entropy(logits, labels, weight=class_weight, reduction="none")
         norm = (class_weight[labels] * weight).sum()
     else:

@@ -180,11 +180,9 @@ def _pool_from_tables(features: Tensor, batch_index: Tensor, lookups: tuple[Tens
     out = []
     for c0 in range(0, c, per_chunk):
         values = _build_tables(features[:, c0 : c0 + per_chunk], levels)
-        best = None
-        for corner in range(8):
-            v = values.index_select(0, (rows_base + positions[corner]).flatten())
-            best = v if best is None else torch.maximum(best, v)
-        out.append(best)
+        # One gather for the 8 corners (its backward is one scatter into the tables, not eight).
+        corners = values.index_select(0, (rows_base[None] + positions).flatten())
+        out.append(corners.view(8, n * cells, -1).amax(dim=0))
     return torch.cat(out, dim=1).view(n, cells, c)
 
 
