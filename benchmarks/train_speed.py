@@ -116,9 +116,7 @@ def main() -> None:
 def old_vs_new(args: argparse.Namespace) -> None:
     import torch
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from _reference_step import reference_losses
-    from train_step_ops import _batch
+    from train_step_ops import _batch, model_steps  # (it puts tests/ on the path for the reference step)
 
     model_name = args.model or ("tiny" if args.quick else "published")
     crop = args.crop or (64 if args.quick else 128)
@@ -133,20 +131,12 @@ def old_vs_new(args: argparse.Namespace) -> None:
             root = Path(tmp) / "cases"
             prepare_phantom_cases(root, range(2))
         model, images, targets = _batch(root, model_name, crop, args.batch)
-
-        def new() -> None:
-            model.losses(images, targets, stages, generator=torch.Generator().manual_seed(1))["total"].backward()
-
-        def old() -> None:
-            reference_losses(model, images, targets, stages, torch.Generator().manual_seed(1))["total"].backward()
-
+        old, new = model_steps(model, images, targets, stages)
         times: dict[str, list[float]] = {"old": [], "new": []}
         for step in (old, new):
-            model.zero_grad(set_to_none=True)
             step()  # warm-up
         for _ in range(repeats):
             for name, step in (("old", old), ("new", new)):
-                model.zero_grad(set_to_none=True)
                 t0 = time.perf_counter()
                 step()
                 times[name].append(time.perf_counter() - t0)

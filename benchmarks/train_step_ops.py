@@ -55,6 +55,22 @@ def _batch(root: Path, model: str, crop: int, batch: int) -> tuple[Any, Any, lis
     return NoduleNet(cfg.model_network_config()).train(), first.images, to_targets(first, torch.device("cpu"))
 
 
+def model_steps(model: Any, images: Any, targets: list[Any], stages: tuple[str, ...]) -> tuple[Any, Any]:
+    """``(old, new)``: forward + backward of the old reference step and of the batched step, same seed."""
+    import torch
+    from _reference_step import reference_losses
+
+    def new() -> None:
+        model.zero_grad(set_to_none=True)
+        model.losses(images, targets, stages, generator=torch.Generator().manual_seed(1))["total"].backward()
+
+    def old() -> None:
+        model.zero_grad(set_to_none=True)
+        reference_losses(model, images, targets, stages, torch.Generator().manual_seed(1))["total"].backward()
+
+    return old, new
+
+
 def _profile(step: Any) -> tuple[int, int, float, dict[str, int]]:
     from torch.profiler import ProfilerActivity, profile
 
@@ -79,8 +95,6 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from _reference_step import reference_losses
-
     torch.set_num_threads(args.threads)
     stages = ("rpn", "rcnn", "mask")
     with tempfile.TemporaryDirectory(prefix="train_step_ops_") as tmp:
@@ -91,14 +105,7 @@ def main() -> None:
             root = Path(tmp) / "cases"
             prepare_phantom_cases(root, range(2))
         model, images, targets = _batch(root, args.model, args.crop, args.batch)
-
-        def new_step() -> None:
-            model.zero_grad(set_to_none=True)
-            model.losses(images, targets, stages, generator=torch.Generator().manual_seed(1))["total"].backward()
-
-        def old_step() -> None:
-            model.zero_grad(set_to_none=True)
-            reference_losses(model, images, targets, stages, torch.Generator().manual_seed(1))["total"].backward()
+        old_step, new_step = model_steps(model, images, targets, stages)
 
         figures: dict[str, Any] = {"model": args.model, "crop_size": args.crop, "batch": args.batch,
                                    "threads": args.threads, "stages": list(stages)}

@@ -10,7 +10,6 @@ the RPN/RCNN part of the step.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -19,12 +18,7 @@ from _reference_step import reference_losses
 from nodulenet.model import NoduleNet, NoduleTargets, tiny_config
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from test_model_net_modes import one_thread  # noqa: F401  (autouse: one OpenMP thread on the shared machine)
 
 
 SIZE = 48
