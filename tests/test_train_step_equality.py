@@ -110,3 +110,65 @@ def test_no_host_sync_in_the_rpn_and_rcnn_step() -> None:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         reference_losses(model, images, targets, ("rpn", "rcnn"), torch.Generator().manual_seed(5))
     assert sum(e.count for e in prof.key_averages() if e.key == "aten::_local_scalar_dense") > 0
+
+
+@pytest.mark.parametrize("n", [300, 2000])  # survival-matrix path and per-round IoU path
+def test_batched_nms_equals_nms_3d_per_image(n: int) -> None:
+    from nodulenet.model.box_ops import nms_3d, nms_batched_top_k
+
+    gen = torch.Generator().manual_seed(n)
+    b = 3
+    centre, size = torch.rand(b, n, 3, generator=gen) * 60, torch.rand(b, n, 3, generator=gen) * 15
+    boxes = torch.cat([centre - size / 2, centre + size / 2], dim=2)
+    boxes[0, 5, 3:] = boxes[0, 5, :3]  # a zero-volume box: never suppresses, never suppressed
+    scores, valid = torch.rand(b, n, generator=gen), torch.rand(b, n, generator=gen) > 0.2
+    order = torch.sort(torch.where(valid, scores, -1.0), dim=1, descending=True, stable=True).indices
+    sorted_boxes = boxes.gather(1, order[..., None].expand(-1, -1, 6))
+    for k in (40, n + 5):
+        index, kept = nms_batched_top_k(sorted_boxes, valid.gather(1, order), 0.1, k)
+        for i in range(b):
+            real = torch.nonzero(valid[i]).squeeze(1)
+            expected = real[nms_3d(boxes[i][real], scores[i][real], 0.1)][:k]
+            assert torch.equal(order[i][index[i][kept[i]]], expected)
+            assert bool(kept[i][: expected.numel()].all()) and not bool(kept[i][expected.numel():].any())
+
+
+def test_batched_proposals_equal_per_image_proposals() -> None:
+    from nodulenet.model.anchors import make_anchors
+    from nodulenet.model.box_coder import BoxCoder
+    from nodulenet.model.rpn import select_proposals, select_proposals_batched
+
+    anchors = make_anchors((8, 8, 8), 4, (5.0, 10.0, 20.0))
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, anchors.shape[0], generator=gen) * 0.5
+    deltas = torch.randn(3, anchors.shape[0], 6, generator=gen) * 0.2
+    for pre, post in ((600, 50), (None, None)):
+        batched = select_proposals_batched(logits, deltas, anchors, (32, 32, 32), BoxCoder(), 0.5, 0.1, pre, post)
+        for i, (boxes, scores) in enumerate(batched.per_image()):
+            ref_boxes, ref_scores = select_proposals(logits[i], deltas[i], anchors, (32, 32, 32), BoxCoder(), 0.5,
+                                                     0.1, pre, post)
+            assert boxes.shape[0] > 5 and torch.equal(boxes, ref_boxes) and torch.equal(scores, ref_scores)
+
+
+def test_batched_roi_pooling_equals_adaptive_max_pool_values_and_gradients() -> None:
+    import torch.nn.functional as F
+
+    from nodulenet.model.rcnn import feature_crop_ranges, roi_adaptive_max_pool3d
+
+    gen = torch.Generator().manual_seed(0)
+    # Strictly positive: no ties, so the arg-max (and the gradient) is unique.
+    features = (torch.rand(3, 5, 12, 10, 14, generator=gen, dtype=torch.float64) + 0.1).requires_grad_()
+    lo = torch.rand(40, 3, generator=gen) * torch.tensor([48.0, 40.0, 56.0])
+    boxes = torch.cat([lo - 5, lo + 1 + torch.rand(40, 3, generator=gen) * 50], dim=1)
+    batch = torch.randint(0, 3, (40,), generator=gen)
+    ranges = feature_crop_ranges(boxes, 4, (12, 10, 14))
+    reference = torch.stack([F.adaptive_max_pool3d(features[b, :, r[0] : r[3], r[1] : r[4], r[2] : r[5]], 7)
+                             for b, r in zip(batch.tolist(), ranges.tolist())])
+    longest = int((ranges[:, 3:] - ranges[:, :3]).max())
+    for max_region in (None, longest):
+        pooled = roi_adaptive_max_pool3d(features, ranges, batch, 7, max_region)
+        assert torch.equal(pooled, reference)
+        weights = torch.randn(pooled.shape, generator=gen, dtype=torch.float64)
+        (ours,) = torch.autograd.grad((pooled * weights).sum(), features)
+        (theirs,) = torch.autograd.grad((reference * weights).sum(), features, retain_graph=True)
+        assert torch.allclose(ours, theirs, rtol=0, atol=1e-12)
