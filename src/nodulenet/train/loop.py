@@ -13,6 +13,9 @@ Exact resume: the model is initialised from ``seed``; crop ``i`` of epoch ``e`` 
 order of an epoch only on ``(seed, e)``; the model's own sampling (anchors, RCNN proposals) uses a generator seeded
 by ``(seed, global step, rank)``. A checkpoint stores weights, optimizer, AMP scaler and the position in the epoch,
 so training resumed from ``last.pt`` repeats the exact batches that followed it (identical weights on CPU).
+
+The run itself is :class:`~nodulenet.train.trainer.Trainer` (setup, train step, end of epoch, finish); this module
+resolves the settings, the resume point and the processes, and holds the helpers the trainer uses.
 """
 
 from __future__ import annotations

@@ -125,6 +125,7 @@ class Trainer:
         if config.max_steps:
             self.total_steps = min(self.total_steps, config.max_steps)
         self.running: dict[str, list[float]] = {}
+        self.last_grad_norm = float("nan")
         self.wait_seconds = self.compute_seconds = 0.0
         self._write_config(checkpoint is not None)
         self.t_run = time.perf_counter()
@@ -228,7 +229,8 @@ class Trainer:
         return "finished"
 
     def train_step(self, batch: CropBatch, stages: tuple[str, ...], lr: float) -> dict[str, float]:
-        """One optimiser step on ``batch``; returns this rank's losses (and ``grad_norm``) as floats.
+        """One optimiser step on ``batch``; returns this rank's losses as floats (``last_grad_norm``: the clipped
+        gradient norm, NaN without clipping or when the step was skipped).
 
         The forward and backward are queued without waiting on the device; the step reads values back once, at
         its end, to log the losses and to skip the update when a loss is not finite on some rank (the backward
@@ -267,13 +269,14 @@ class Trainer:
         state.global_step += 1
         state.step_in_epoch += 1
         state.samples_seen += config.batch_size
-        step_losses["grad_norm"] = grad_norm
+        self.last_grad_norm = grad_norm
         return step_losses
 
     def _log_step(self, epoch: int, lr: float, step_losses: dict[str, float], progress: Progress, task: Any) -> None:
         state, config = self.state, self.config
         for k, v in step_losses.items():
             self.running.setdefault(k, []).append(v)
+        self.running.setdefault("grad_norm", []).append(self.last_grad_norm)
         if state.global_step % config.log_every_steps == 0 or state.step_in_epoch == self.steps_per_epoch:
             means = mean_over_ranks({k: sum(v) / len(v) for k, v in self.running.items()}, self.ctx.info)
             self.running.clear()
