@@ -16,7 +16,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from rich.console import Console
@@ -39,6 +39,9 @@ from .distributed import (DistInfo, all_ranks_true, broadcast_buffers, gather_ob
                           weights_digest)
 from .schedule import learning_rate, make_optimizer, set_learning_rate, stage_start_epochs, stages_for_epoch
 from .validate import mine_hard_negatives, validate
+
+if TYPE_CHECKING:
+    from .loop import TrainSummary
 
 CONFIG_FORMAT = "nodulenet-train-config"
 
