@@ -10,6 +10,10 @@ GPU, ``torch.cuda.max_memory_allocated`` per step; the process's peak RSS is als
 
 On a GPU the loop runs there (``cuda:0``); give ``--workers`` so that augmentation (CPU) keeps up with the step,
 and ``--warmup`` a few steps so worker start-up and cuDNN's algorithm search stay out of the rate.
+
+``--old-vs-new`` instead times the model step (forward with every stage on + backward) of the batched step and of
+the old per-image step kept in ``tests/_reference_step.py`` on the same loader batch, alternating, in one run, and
+records the ratio (figures on a shared machine are noisy; the ratio of interleaved runs is what to compare).
 """
 
 from __future__ import annotations
@@ -39,8 +43,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0, help="data-loader worker processes (0: in-process)")
     parser.add_argument("--warmup", type=int, default=1, help="first steps left out of the rate")
     parser.add_argument("--name", default=None, help="name of the result file (default train_speed[_quick])")
+    parser.add_argument("--old-vs-new", action="store_true", help="model step of the old vs the batched step")
     args = parser.parse_args()
     import torch
+
+    if args.old_vs_new:
+        old_vs_new(args)
+        return
 
     from nodulenet.train.config import TrainConfig
     from nodulenet.train.loop import train
@@ -102,6 +111,44 @@ def main() -> None:
           f"{per_step:.3f} s/step = {figures['crops_per_second']} crops/s; peak RSS {figures['peak_rss_mib']} MiB"
           f"{gpu_peak}")
     record(args.name or ("train_speed_quick" if args.quick else "train_speed"), figures)
+
+
+def old_vs_new(args: argparse.Namespace) -> None:
+    import torch
+
+    from train_step_ops import _batch, model_steps  # (it puts tests/ on the path for the reference step)
+
+    model_name = args.model or ("tiny" if args.quick else "published")
+    crop = args.crop or (64 if args.quick else 128)
+    repeats = args.steps or 3
+    torch.set_num_threads(args.threads)
+    stages = ("rpn", "rcnn", "mask")
+    with tempfile.TemporaryDirectory(prefix="train_speed_") as tmp:
+        root = args.data
+        if root is None:
+            from nodulenet.data.synthetic import prepare_phantom_cases
+
+            root = Path(tmp) / "cases"
+            prepare_phantom_cases(root, range(2))
+        model, images, targets = _batch(root, model_name, crop, args.batch)
+        old, new = model_steps(model, images, targets, stages)
+        times: dict[str, list[float]] = {"old": [], "new": []}
+        for step in (old, new):
+            step()  # warm-up
+        for _ in range(repeats):
+            for name, step in (("old", old), ("new", new)):
+                t0 = time.perf_counter()
+                step()
+                times[name].append(time.perf_counter() - t0)
+    best = {k: min(v) for k, v in times.items()}
+    figures = {"load_average_at_start": list(os.getloadavg()), "model": model_name, "crop_size": crop,
+               "batch": args.batch, "threads": args.threads, "repeats": repeats, "stages": list(stages),
+               "seconds_old": [round(t, 2) for t in times["old"]], "seconds_new": [round(t, 2) for t in times["new"]],
+               "best_old": round(best["old"], 2), "best_new": round(best["new"], 2),
+               "new_over_old": round(best["new"] / best["old"], 3)}
+    print(f"{model_name}, {crop}^3, batch {args.batch}, {args.threads} thread(s), forward + backward, best of "
+          f"{repeats}: old {best['old']:.2f} s, new {best['new']:.2f} s, new/old = {figures['new_over_old']:.2f}")
+    record(args.name or f"train_speed_old_vs_new_{model_name}", figures)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,18 @@
-"""How many tensor operations one training step issues: the figure that bounds the step on a GPU.
+"""How many tensor operations one training step issues, old step vs new, and whether the step waits on the host.
 
 On the lent H100 the tiny network's step took 0.48 s at batch 16 with the GPU 9-14 % busy and the loader idle
-(docs/training.md): the step is bound by the number of small operations, each a kernel launch on a GPU, not by
-arithmetic. This counts the ``aten::`` calls per optimiser step with ``torch.profiler`` on the CPU (the count does
-not depend on the device) and lists the most frequent, so a change that batches per-proposal work shows up as a
-smaller number here without a GPU.
+(docs/training.md): the step was bound by the number of small operations, each a kernel launch on a GPU, not by
+arithmetic. This counts the ``aten::`` calls of one model step (forward in train mode with every stage on +
+backward) with ``torch.profiler`` on the CPU (the count does not depend on the device), for the batched step and
+for the old per-image, per-proposal step kept in ``tests/_reference_step.py``, on the SAME batch in one run, and
+the host synchronisations (``aten::item`` / ``aten::_local_scalar_dense``) of each. ``--loop`` also counts one
+whole step of the real training loop (loader batch, optimiser, logging) for the new code.
 
-    .venv/bin/python benchmarks/train_step_ops.py [--model tiny|published] [--crop 64] [--batch 16] [--steps 3]
-        [--data DIR]
+    .venv/bin/python benchmarks/train_step_ops.py [--model tiny|published] [--crop 64] [--batch 16] [--steps 1]
+        [--loop] [--data DIR]
+
+Defaults: the tiny network at batch 16, 64^3; the published configuration is ``--model published --crop 128
+--batch 4``.
 """
 
 from __future__ import annotations
@@ -19,8 +24,64 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "tests"))  # the old step, kept as the test reference
 from _record import record  # noqa: E402
+
+SYNC_OPS = ("aten::item", "aten::_local_scalar_dense")
+
+
+def _batch(root: Path, model: str, crop: int, batch: int) -> tuple[Any, Any, list[Any]]:
+    """One training batch of real loader crops and the network, as the loop makes them."""
+    import torch
+
+    from nodulenet.data.cases import find_case_dirs, load_cases
+    from nodulenet.data.dataset import CropDataset, ResumableDistributedSampler, make_loader
+    from nodulenet.model import NoduleNet
+    from nodulenet.train.config import TrainConfig
+    from nodulenet.train.run_setup import to_targets
+
+    cfg = TrainConfig.from_dict(dict(
+        prepared_roots=[str(root)], model=model,
+        crop={"crop_size_zyx": [crop] * 3, "samples_per_epoch": batch, "positive_fraction": 0.5,
+              "lung_fraction": 0.3, "random_fraction": 0.2}, batch_size=batch, seed=0))
+    cases = load_cases(find_case_dirs(cfg.prepared_roots), lung_point_stride=cfg.crop.lung_point_stride).cases
+    dataset = CropDataset(cases, cfg.crop, cfg.augment, cfg.seed)
+    loader = make_loader(dataset, ResumableDistributedSampler(dataset, 1, 0, cfg.seed), batch_size=batch, workers=0,
+                         pin_memory=False)
+    first = next(iter(loader))
+    torch.manual_seed(0)
+    return NoduleNet(cfg.model_network_config()).train(), first.images, to_targets(first, torch.device("cpu"))
+
+
+def model_steps(model: Any, images: Any, targets: list[Any], stages: tuple[str, ...]) -> tuple[Any, Any]:
+    """``(old, new)``: forward + backward of the old reference step and of the batched step, same seed."""
+    import torch
+    from _reference_step import reference_losses
+
+    def new() -> None:
+        model.zero_grad(set_to_none=True)
+        model.losses(images, targets, stages, generator=torch.Generator().manual_seed(1))["total"].backward()
+
+    def old() -> None:
+        model.zero_grad(set_to_none=True)
+        reference_losses(model, images, targets, stages, torch.Generator().manual_seed(1))["total"].backward()
+
+    return old, new
+
+
+def _profile(step: Any) -> tuple[int, int, float, dict[str, int]]:
+    from torch.profiler import ProfilerActivity, profile
+
+    step()  # warm-up: allocations, anchor cache
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        step()
+        seconds = time.perf_counter() - t0
+    aten = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    top = {e.key: e.count for e in sorted(aten, key=lambda e: -e.count)[:12]}
+    return sum(e.count for e in aten), sum(e.count for e in aten if e.key in SYNC_OPS), seconds, top
 
 
 def main() -> None:
@@ -28,17 +89,14 @@ def main() -> None:
     parser.add_argument("--model", choices=("published", "tiny"), default="tiny")
     parser.add_argument("--crop", type=int, default=64)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=3, help="profiled steps (after one unprofiled step)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--loop", action="store_true", help="also count one step of the real training loop")
     parser.add_argument("--data", type=Path, help="folder of prepared cases (default: 2 phantoms in a temp folder)")
     args = parser.parse_args()
     import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    from nodulenet.train.config import TrainConfig
-    from nodulenet.train.loop import train
 
     torch.set_num_threads(args.threads)
+    stages = ("rpn", "rcnn", "mask")
     with tempfile.TemporaryDirectory(prefix="train_step_ops_") as tmp:
         root = args.data
         if root is None:
@@ -46,36 +104,57 @@ def main() -> None:
 
             root = Path(tmp) / "cases"
             prepare_phantom_cases(root, range(2))
-        cfg = TrainConfig.from_dict(dict(
-            prepared_roots=[str(root)], model=args.model,
-            crop={"crop_size_zyx": [args.crop] * 3, "samples_per_epoch": args.batch * (args.steps + 1),
-                  "positive_fraction": 0.5, "lung_fraction": 0.3, "random_fraction": 0.2},
-            epochs=1, batch_size=args.batch, workers=0, val_every_epochs=0, rcnn_start_fraction=0.0,
-            mask_start_fraction=0.0, amp="off", threads=args.threads, seed=0, max_steps=args.steps + 1))
-        state: dict[str, Any] = {"n": 0}
+        model, images, targets = _batch(root, args.model, args.crop, args.batch)
+        old_step, new_step = model_steps(model, images, targets, stages)
 
-        def on_step(_state: Any, _losses: dict[str, float]) -> None:
-            state["n"] += 1
-            if state["n"] == 1:  # the first step allocates and warms up: left out
-                state["prof"] = profile(activities=[ProfilerActivity.CPU])
-                state["prof"].__enter__()
-                state["t0"] = time.perf_counter()
-            elif state["n"] == args.steps + 1:
-                state["prof"].__exit__(None, None, None)
-                state["seconds"] = time.perf_counter() - state["t0"]
-
-        train(cfg, Path(tmp) / "run", show_progress=False, on_step=on_step)
-    events = state["prof"].key_averages()
-    aten = [e for e in events if e.key.startswith("aten::")]
-    per_step = sum(e.count for e in aten) / args.steps
-    top = {e.key: round(e.count / args.steps) for e in sorted(aten, key=lambda e: -e.count)[:15]}
-    figures = {"model": args.model, "crop_size": args.crop, "batch": args.batch, "profiled_steps": args.steps,
-               "aten_calls_per_step": round(per_step),
-               "profiled_seconds_per_step": round(state["seconds"] / args.steps, 2), "most_frequent_per_step": top}
-    print(f"{args.model}, {args.crop}^3, batch {args.batch}: {per_step:,.0f} aten calls per training step")
-    for key, count in top.items():
-        print(f"  {key:32s} {count:8d}")
+        figures: dict[str, Any] = {"model": args.model, "crop_size": args.crop, "batch": args.batch,
+                                   "threads": args.threads, "stages": list(stages)}
+        for name, step in (("old", old_step), ("new", new_step)):
+            calls, syncs, seconds, top = _profile(step)
+            figures[name] = {"aten_calls_per_step": calls, "host_syncs_per_step": syncs,
+                             "profiled_seconds_per_step": round(seconds, 2), "most_frequent": top}
+        figures["ratio_new_to_old"] = round(figures["new"]["aten_calls_per_step"]
+                                            / figures["old"]["aten_calls_per_step"], 4)
+        if args.loop:
+            figures["loop_step_new"] = _loop_step(root, args, Path(tmp))
+    print(f"{args.model}, {args.crop}^3, batch {args.batch}, model step (forward + backward, all stages):")
+    for name in ("old", "new"):
+        f = figures[name]
+        print(f"  {name}: {f['aten_calls_per_step']:,} aten calls, {f['host_syncs_per_step']} host syncs "
+              f"(item/_local_scalar_dense), {f['profiled_seconds_per_step']} s profiled")
+    print(f"  new / old = {figures['ratio_new_to_old']:.3f}")
+    if args.loop:
+        print(f"  whole loop step (new): {figures['loop_step_new']['aten_calls_per_step']:,} aten calls")
     record(f"train_step_ops_{args.model}", figures)
+
+
+def _loop_step(root: Path, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """aten calls of one step of the real loop (loader batch to optimiser step and logging)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from nodulenet.train.config import TrainConfig
+    from nodulenet.train.loop import train
+
+    cfg = TrainConfig.from_dict(dict(
+        prepared_roots=[str(root)], model=args.model,
+        crop={"crop_size_zyx": [args.crop] * 3, "samples_per_epoch": args.batch * 3, "positive_fraction": 0.5,
+              "lung_fraction": 0.3, "random_fraction": 0.2},
+        epochs=1, batch_size=args.batch, workers=0, val_every_epochs=0, rcnn_start_fraction=0.0,
+        mask_start_fraction=0.0, amp="off", threads=args.threads, seed=0, max_steps=2))
+    state: dict[str, Any] = {"n": 0}
+
+    def on_step(_state: Any, _losses: dict[str, float]) -> None:
+        state["n"] += 1
+        if state["n"] == 1:  # the first step allocates and warms up: left out
+            state["prof"] = profile(activities=[ProfilerActivity.CPU])
+            state["prof"].__enter__()
+        elif state["n"] == 2:
+            state["prof"].__exit__(None, None, None)
+
+    train(cfg, tmp / "loop_run", show_progress=False, on_step=on_step)
+    aten = [e for e in state["prof"].key_averages() if e.key.startswith("aten::")]
+    return {"aten_calls_per_step": sum(e.count for e in aten),
+            "host_syncs_per_step": sum(e.count for e in aten if e.key in SYNC_OPS)}
 
 
 if __name__ == "__main__":

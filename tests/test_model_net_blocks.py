@@ -87,7 +87,7 @@ def test_feature_crop_ranges_by_hand() -> None:
         [0.0, 3.0, 8.0, 5.0, 9.0, 12.0],   # z: 0..ceil(5/4)=2, y: floor(3/4)=0..3, x: 2..3
         [-6.0, 60.0, 1.0, -1.0, 70.0, 1.5],  # outside in z and y: clamped, at least one voxel
     ])
-    ranges = feature_crop_ranges(boxes, 4, (8, 16, 16))
+    ranges = feature_crop_ranges(boxes, 4, (8, 16, 16), frame="voxel_corner")
     assert ranges.tolist() == [[0, 0, 2, 2, 3, 3], [0, 15, 0, 1, 16, 1]]
 
 
@@ -96,7 +96,7 @@ def test_crop_and_pool_takes_max_of_the_region() -> None:
     f[1, 0, 1, 2, 3] = 5.0  # inside box 0's region of image 1
     f[1, 0, 3, 3, 3] = 9.0  # outside it
     boxes = torch.tensor([[4.0, 8.0, 12.0, 8.0, 12.0, 16.0]])  # feature voxels z1, y2, x3 exactly
-    pooled = crop_and_pool(f, boxes, torch.tensor([1]), stride=4, crop_size=2)
+    pooled = crop_and_pool(f, boxes, torch.tensor([1]), stride=4, crop_size=2, frame="voxel_corner")
     assert pooled.shape == (1, 1, 2, 2, 2)
     assert torch.all(pooled == 5.0)  # a 1-voxel region is replicated by adaptive pooling
     assert crop_and_pool(f, boxes[:0], torch.tensor([], dtype=torch.long), 4, 7).shape == (0, 1, 7, 7, 7)

@@ -268,3 +268,73 @@ def remove_small_boxes(boxes: Tensor, min_size: float) -> Tensor:
     _check_boxes(boxes)
     sizes = boxes[:, 3:] - boxes[:, :3]
     return torch.nonzero((sizes >= min_size).all(dim=1)).squeeze(1)
+
+
+# Largest [B, N, N] survival matrix nms_batched_top_k precomputes (bytes ~ 5x this); above it, IoUs per round.
+_NMS_MATRIX_ELEMENTS = 1 << 23
+
+
+def box_iou_batched(boxes_a: Tensor, boxes_b: Tensor) -> Tensor:
+    """IoU ``[B, N, M]`` of zyxzyx boxes ``a[B, N, 6]`` and ``b[B, M, 6]`` image by image (padding rows of zero
+    size have IoU 0 with everything), float32 (float64 if given); the batched form of :func:`box_iou_3d`."""
+    dtype = torch.promote_types(_compute_dtype(boxes_a), _compute_dtype(boxes_b))
+    a, b = boxes_a.to(dtype), boxes_b.to(dtype)
+    lo = torch.maximum(a[:, :, None, :3], b[:, None, :, :3])
+    hi = torch.minimum(a[:, :, None, 3:], b[:, None, :, 3:])
+    inter = (hi - lo).clamp_(min=0).prod(dim=3)
+    vol_a = (a[..., 3:] - a[..., :3]).clamp(min=0).prod(dim=-1)
+    vol_b = (b[..., 3:] - b[..., :3]).clamp(min=0).prod(dim=-1)
+    union = vol_a[:, :, None] + vol_b[:, None, :] - inter
+    return torch.where(union > 0, inter / union.clamp(min=torch.finfo(union.dtype).tiny), torch.zeros_like(inter))
+
+
+def nms_batched_top_k(boxes: Tensor, valid: Tensor, iou_threshold: float, k: int) -> tuple[Tensor, Tensor]:
+    """Greedy NMS of every image of a batch at once, with static shapes: the first ``k`` kept boxes.
+
+    ``boxes [B, N, 6]`` zyxzyx, ALREADY SORTED by decreasing score (equal scores in the order wanted), ``valid
+    [B, N]`` marks real candidates. Returns ``index [B, k]`` (positions in ``boxes``) and ``kept [B, k]`` (False
+    for slots after an image's last kept box), the same boxes in the same order as :func:`nms_3d` truncated to
+    ``k`` (suppression when IoU > threshold). Cost: ``k`` rounds of a few ``[B, N]`` ops - the greedy rule is
+    sequential in the kept boxes - and never a host round trip, so a GPU runs it without waiting.
+    """
+    b, n = valid.shape
+    dtype = _compute_dtype(boxes)
+    if n == 0 or k == 0:
+        return torch.zeros((b, k), dtype=torch.long, device=boxes.device), torch.zeros((b, k), dtype=torch.bool,
+                                                                                       device=boxes.device)
+    flat = boxes.detach().to(dtype).reshape(b * n, 6)
+    lo, hi = flat[:, :3].reshape(b, n, 3), flat[:, 3:].reshape(b, n, 3)
+    scaled_volume = (hi - lo).clamp(min=0).prod(dim=2) * iou_threshold  # t * volume, [B, N]
+    alive = valid.to(dtype)
+    offsets = torch.arange(b, device=boxes.device) * n
+    picks, kept = [], []
+    if b * n * n <= _NMS_MATRIX_ELEMENTS:
+        # Small enough for the whole survival matrix: then a round is 5 ops (pick, record, 2 to fetch, 1 to apply).
+        inter = (torch.minimum(hi[:, :, None], hi[:, None]) - torch.maximum(lo[:, :, None], lo[:, None])).clamp_(
+            min=0).prod(dim=3)
+        # IoU > t  <=>  inter * (1 + t) > t * (v_a + v_b)  (see _overlap_exceeds); a box always removes itself.
+        survives = inter.mul_(1.0 + iou_threshold) <= scaled_volume[:, :, None] + scaled_volume[:, None]
+        survives &= ~torch.eye(n, dtype=torch.bool, device=boxes.device)
+        rows = survives.to(dtype).view(b * n, n)
+        for _ in range(min(k, n)):
+            pick = alive.argmax(dim=1)  # first alive = highest remaining score
+            picks.append(pick)
+            kept.append(alive.amax(dim=1))
+            alive.mul_(rows.index_select(0, pick + offsets))
+    else:
+        flat_info = torch.cat((flat, scaled_volume.reshape(-1, 1)), dim=1)  # one gather per round: box + volume
+        for _ in range(min(k, n)):
+            pick = alive.argmax(dim=1)
+            picks.append(pick)
+            kept.append(alive.amax(dim=1))
+            info = flat_info.index_select(0, pick + offsets).view(b, 1, 7)
+            inter = (torch.minimum(hi, info[..., 3:6]) - torch.maximum(lo, info[..., :3])).clamp_(min=0).prod(dim=2)
+            alive.mul_(inter.mul_(1.0 + iou_threshold) <= scaled_volume + info[..., 6])
+            alive.scatter_(1, pick[:, None], 0.0)  # a zero-volume pick does not remove itself by IoU
+    index = torch.stack(picks, dim=1)
+    keep = torch.stack(kept, dim=1) > 0
+    if k > n:
+        index = torch.cat((index, index.new_zeros((b, k - n))), dim=1)
+        keep = torch.cat((keep, keep.new_zeros((b, k - n))), dim=1)
+    return index, keep
+

@@ -78,6 +78,11 @@ class NoduleNetConfig:
     # ---- RCNN (false-positive reduction + box refinement) ----
     num_classes: int = 2  # background + nodule
     rcnn_crop_size: int = 7
+    # Which feature voxels a proposal's RCNN crop covers (rcnn.feature_crop_ranges): "published" is the published
+    # CropRoi formula (index frame), so imported published weights see the crops they were trained on;
+    # "voxel_corner" is the range the box's corner-frame extent touches (one voxel more at an end for about a
+    # third of proposals), which models trained here before this setting existed used.
+    rcnn_crop_frame: str = "published"
     rcnn_fc_channels: tuple[int, int] = (512, 256)
     rcnn_fg_iou: float = 0.5
     rcnn_bg_iou: float = 0.1
@@ -130,6 +135,8 @@ class NoduleNetConfig:
             problems.append("rcnn_feature_map must be 'out2' (decoupled, published) or 'comb2' (decoder map)")
         if self.num_classes != 2:
             problems.append("num_classes must be 2 (background, nodule)")
+        if self.rcnn_crop_frame not in ("published", "voxel_corner"):
+            problems.append("rcnn_crop_frame must be 'published' or 'voxel_corner'")
         if len(self.box_reg_weights) != 6:
             problems.append("box_reg_weights needs 6 entries (z, y, x, d, h, w)")
         if self.fpn:

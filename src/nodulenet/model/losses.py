@@ -144,6 +144,7 @@ def rcnn_loss(
     focal_gamma: float = 2.0,
     class_balanced: bool = True,
     smooth_l1_beta: float = 1.0,
+    valid: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """RCNN ``(classification, regression)`` losses, scalar float32 tensors.
 
@@ -151,7 +152,12 @@ def rcnn_loss(
     ``[S, C * 6]`` (the published head), in which case the matched class's 6 deltas are used.
     Classification is cross entropy, class-balanced by default (published); ``focal=True`` multiplies each
     term by ``(1 - p_true) ** focal_gamma``. Regression covers foreground rows only. ``S = 0`` gives zeros.
+    ``valid [S]`` (bool) leaves the other rows out (the padded slots of a batched sample) as if they were not
+    there; without it every row counts.
     """
+    if valid is not None:
+        return _rcnn_loss_masked(class_logits, deltas, targets, valid, focal, focal_gamma, class_balanced,
+                                 smooth_l1_beta)
     labels = targets.labels
     num_samples = labels.shape[0]
     if class_logits.dim() != 2 or class_logits.shape[0] != num_samples:
@@ -183,6 +189,35 @@ def rcnn_loss(
 
     reg_terms = _smooth_l1_sum_over_coords(deltas, targets.deltas, smooth_l1_beta)
     reg = _masked_mean(reg_terms, labels > 0)
+    return cls, reg
+
+
+def _rcnn_loss_masked(class_logits: Tensor, deltas: Tensor, targets: RcnnTargets, valid: Tensor, focal: bool,
+                      focal_gamma: float, class_balanced: bool, smooth_l1_beta: float) -> tuple[Tensor, Tensor]:
+    """:func:`rcnn_loss` over the rows where ``valid``, with static shapes (no host round trip)."""
+    labels = targets.labels
+    num_samples = labels.shape[0]
+    num_classes = class_logits.shape[1]
+    per_class = deltas.reshape(num_samples, num_classes, 6)
+    deltas = per_class.gather(1, labels.view(-1, 1, 1).expand(-1, 1, 6)).squeeze(1)
+    logits = class_logits.float()
+    weight = valid.float()
+    if class_balanced:
+        # scatter_add, not bincount: bincount sizes its output from the data (a host round trip on a GPU).
+        counts = weight.new_zeros(num_classes).scatter_add_(0, labels, weight)
+        class_weight = weight.sum() / counts.clamp(min=1)
+        class_weight = class_weight / class_weight.sum().clamp(min=1e-12)  # all rows padding: weights 0, not NaN
+        per_sample = F.cross_entropy(logits, labels, weight=class_weight, reduction="none")
+        norm = (class_weight[labels] * weight).sum()
+    else:
+        per_sample = F.cross_entropy(logits, labels, reduction="none")
+        norm = weight.sum()
+    if focal:
+        p_true = torch.softmax(logits, dim=1).gather(1, labels.view(-1, 1)).squeeze(1)
+        per_sample = per_sample * (1 - p_true) ** focal_gamma
+    cls = torch.where(valid, per_sample, torch.zeros_like(per_sample)).sum() / norm.clamp(min=1e-12)
+    reg_terms = _smooth_l1_sum_over_coords(deltas, targets.deltas, smooth_l1_beta)
+    reg = _masked_mean(reg_terms, valid & (labels > 0))
     return cls, reg
 
 

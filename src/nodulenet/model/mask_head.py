@@ -15,7 +15,6 @@ masks can only overlap inside the intersection of their crop boxes).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .box_ops import box_iou_3d
@@ -118,6 +117,69 @@ _MAX_BATCH_VOXELS = 1 << 20
 def _crop(volume: Tensor, b: int, box: list[int], stride: int) -> Tensor:
     z0, y0, x0, z1, y1, x1 = (v // stride for v in box)
     return volume[b : b + 1, :, z0:z1, y0:y1, x0:x1]
+
+
+def _gather_crops(volume: Tensor, batch_index: Tensor, start: Tensor, size: tuple[int, int, int]) -> Tensor:
+    """``[n, C, d, h, w]`` crops of ``volume [B, C, Z, Y, X]`` at ``start [n, 3]`` (inside the volume), one gather."""
+    grids = [start[:, axis, None] + torch.arange(size[axis], device=start.device) for axis in range(3)]
+    picked = volume[batch_index[:, None, None, None], :, grids[0][:, :, None, None], grids[1][:, None, :, None],
+                    grids[2][:, None, None, :]]  # advanced indices first: [n, d, h, w, C]
+    return picked.permute(0, 4, 1, 2, 3)
+
+
+def _gather_targets(masks: Tensor, mask_sizes: Tensor, origins: Tensor, nodule: Tensor, start: Tensor,
+                    size: tuple[int, int, int]) -> Tensor:
+    """Float 0/1 ``[n, d, h, w]``: nodule ``nodule[i]``'s tight mask (``masks [G, Dm, Hm, Wm]`` padded, true size
+    ``mask_sizes [G, 3]``, placed at ``origins [G, 3]``) inside the crop at ``start[i]``, as ``paste_masks_to_crop``."""
+    inside, rel = None, []
+    for axis in range(3):
+        r = start[:, axis, None] + torch.arange(size[axis], device=start.device) - origins[nodule, axis, None]
+        ok = (r >= 0) & (r < mask_sizes[nodule, axis, None])
+        shape = [-1, 1, 1, 1]
+        shape[axis + 1] = size[axis]
+        ok = ok.view(shape)
+        inside = ok if inside is None else inside & ok
+        rel.append(r.clamp(min=0, max=masks.shape[axis + 1] - 1).view(shape))
+    values = masks[nodule[:, None, None, None], rel[0], rel[1], rel[2]] > 0
+    return (values & inside).float()
+
+
+def pad_nodule_masks(masks: list[Tensor], device: torch.device) -> tuple[Tensor, Tensor]:
+    """Tight nodule masks of different sizes as one ``[G, Dm, Hm, Wm]`` uint8 tensor + their sizes ``[G, 3]``."""
+    sizes = torch.tensor([list(m.shape) for m in masks], dtype=torch.long).reshape(-1, 3)
+    largest = sizes.amax(dim=0).tolist() if len(masks) else [1, 1, 1]
+    padded = torch.zeros((len(masks), *largest), dtype=torch.uint8, device=device)
+    for k, m in enumerate(masks):
+        padded[k, : m.shape[0], : m.shape[1], : m.shape[2]] = (m > 0).to(device=device, dtype=torch.uint8)
+    return padded, sizes.to(device)
+
+
+def batched_mask_loss(head: "MaskHead", image: Tensor, out1: Tensor, comb2: Tensor, crop_boxes: Tensor,
+                      batch_index: Tensor, nodule: Tensor, masks: Tensor, mask_sizes: Tensor, origins: Tensor,
+                      eps: float = 1e-5) -> Tensor:
+    """The mask loss (``losses.mask_loss`` defaults: mean soft Dice over crops whose target has foreground) of the
+    crops ``crop_boxes [M, 6]`` (image ``batch_index``, learning nodule ``nodule``), crops of one size as one batch:
+    the crops, their targets and the Dice terms are a few gathers per size, not a paste and a slice per crop.
+    Reads the crop sizes back once (the mask head's convolutions are shaped by them)."""
+    rows = torch.cat((crop_boxes, batch_index[:, None]), dim=1).tolist()
+    groups: dict[tuple[int, int, int], list[int]] = {}
+    for i, (z0, y0, x0, z1, y1, x1, _) in enumerate(rows):
+        groups.setdefault((z1 - z0, y1 - y0, x1 - x0), []).append(i)
+    terms, counted = [], []
+    for size, members in groups.items():
+        per_chunk = max(1, _MAX_BATCH_VOXELS // (size[0] * size[1] * size[2]))
+        for c0 in range(0, len(members), per_chunk):
+            idx = torch.tensor(members[c0 : c0 + per_chunk], device=crop_boxes.device)
+            start, bidx = crop_boxes[idx, :3], batch_index[idx]
+            f4 = _gather_crops(comb2, bidx, torch.div(start, 4, rounding_mode="floor"), tuple(s // 4 for s in size))
+            f2 = _gather_crops(out1, bidx, torch.div(start, 2, rounding_mode="floor"), tuple(s // 2 for s in size))
+            im = _gather_crops(image, bidx, start, size)
+            prob = torch.sigmoid(head._decode(f4, f2, im).float()).flatten(1)
+            truth = _gather_targets(masks, mask_sizes, origins, nodule[idx], start, size).flatten(1)
+            terms.append(1 - (prob * truth).sum(dim=1) / (0.5 * (prob.sum(dim=1) + truth.sum(dim=1)) + eps))
+            counted.append(truth.amax(dim=1) > 0)
+    term, count = torch.cat(terms), torch.cat(counted)
+    return torch.where(count, term, torch.zeros_like(term)).sum() / count.sum().clamp(min=1)
 
 
 def mask_nms(mask_probs: list[Tensor], crop_boxes: Tensor, iou_threshold: float, threshold: float = 0.5) -> Tensor:

@@ -44,11 +44,13 @@ from .backbone import BackboneFeatures, FeatureNet
 from .box_coder import BoxCoder
 from .config import NoduleNetConfig
 from .fpn import AnchorCache, RpnOutput, build_rpn_heads, run_rpn
-from .losses import mask_loss, rcnn_loss, rpn_loss
-from .mask_head import MaskHead, mask_crop_boxes, mask_nms, mask_training_targets
-from .rcnn import RcnnHead, crop_and_pool, refine_detections
-from .rpn import select_proposals
-from .targets import RcnnTargets, assign_rcnn_targets, assign_rpn_targets, sample_rpn_anchors, stack_rpn_targets
+from .losses import rcnn_loss, rpn_loss
+from .mask_head import MaskHead, batched_mask_loss, mask_crop_boxes, mask_nms, pad_nodule_masks
+from .box_ops import box_iou_3d, nms_batched_top_k
+from .rcnn import RcnnHead, crop_and_pool, feature_crop_ranges, refine_detections
+from .rpn import BatchedBoxes, clamp_box_centres, select_proposals, select_proposals_batched
+from .targets import (RcnnTargets, assign_rpn_targets_batched, draw_rcnn_keys, pad_gt_boxes, sample_rcnn_batched,
+                      sample_rpn_anchors)
 
 MODES = ("train", "eval", "predict")
 STAGES = ("rpn", "rcnn", "mask")
@@ -234,32 +236,31 @@ class NoduleNet(nn.Module):
         keep_centres_within: tuple[Sequence[float], Sequence[float]] | None = None,
         backbone: Callable[[Tensor], BackboneFeatures] | None = None,
     ) -> tuple[dict[str, Tensor], list[Detections]]:
-        cfg = self.config
+        """Training losses come from whole-batch, static-shape code (:meth:`_batch_losses`: no per-image or
+        per-box Python loop and no host round trip before the mask stage); detections for eval/predict from
+        the per-image post-processing, which needs the host to size its outputs anyway."""
         orig_shape = tuple(int(s) for s in images.shape[2:])
         x = self._pad(images)
         features = (backbone or self.feature_net)(x)
-        rpn_out = run_rpn(cfg, self.rpn, self.rpn_levels, features, self._anchor_cache)
+        rpn_out = run_rpn(self.config, self.rpn, self.rpn_levels, features, self._anchor_cache)
         training = mode == "train"
 
-        proposals: list[tuple[Tensor, Tensor]] = []
-        if not training or stages & {"rcnn", "mask"}:
-            # Centres are clamped to the UNPADDED image: the padding is not part of the scan.
-            proposals = self._proposals(rpn_out, orig_shape, training)
-
         losses: dict[str, Tensor] = {}
-        if targets is not None:
-            gt = [t.gt_boxes.to(device=x.device, dtype=torch.float32) for t in targets]
-            losses["rpn_cls"], losses["rpn_reg"] = self._rpn_losses(rpn_out, gt, generator)
-            if "rcnn" in stages:
-                losses["rcnn_cls"], losses["rcnn_reg"] = self._rcnn_losses(features, proposals, gt, generator)
-
         detections: list[Detections] = []
         if training:
+            assert targets is not None
+            # Centres are clamped to the UNPADDED image: the padding is not part of the scan.
+            batched = self._proposals_batched(rpn_out, orig_shape, training) if stages & {"rcnn", "mask"} else None
+            losses.update(self._batch_losses(features, rpn_out, batched, targets, stages, generator))
             if "mask" in stages:
-                assert targets is not None
-                boxes = [b for b, _ in self._detect(features, proposals, orig_shape, training, stages)[0]]
-                losses["mask"] = self._mask_loss(x, features, boxes, targets)
+                assert batched is not None
+                dets = self._detect_batched(features, batched, orig_shape, training)
+                losses["mask"] = self._mask_loss(x, features, [b for b, _ in dets.per_image()], targets)
         else:
+            batched = self._proposals_batched(rpn_out, orig_shape, training) if targets is not None else None
+            proposals = batched.per_image() if batched is not None else self._proposals(rpn_out, orig_shape, False)
+            if targets is not None:
+                losses.update(self._batch_losses(features, rpn_out, batched, targets, stages, generator))
             dets, rcnn_probs = self._detect(features, proposals, orig_shape, training, stages)
             if keep_centres_within is not None:
                 dets = [_centres_within(b, s, keep_centres_within) for b, s in dets]
@@ -270,41 +271,77 @@ class NoduleNet(nn.Module):
             losses["total"] = self._total(losses)
         return losses, detections
 
+    def _thresholds(self, training: bool) -> tuple[float, float, int | None, int | None]:
+        cfg = self.config
+        if training:
+            return (cfg.rpn_train_score_threshold, cfg.rpn_train_nms_iou, cfg.rpn_train_pre_nms_top_n,
+                    cfg.rpn_train_post_nms_top_n)
+        return (cfg.rpn_test_score_threshold, cfg.rpn_test_nms_iou, cfg.rpn_test_pre_nms_top_n,
+                cfg.rpn_test_post_nms_top_n)
+
+    def _proposals_batched(self, rpn_out: RpnOutput, shape: tuple[int, int, int], training: bool) -> BatchedBoxes:
+        thr, iou, pre, post = self._thresholds(training)
+        return select_proposals_batched(rpn_out.logits, rpn_out.deltas, rpn_out.anchors, shape, self.box_coder,
+                                        thr, iou, pre, post)
+
     def _proposals(
         self, rpn_out: RpnOutput, shape: tuple[int, int, int], training: bool
     ) -> list[tuple[Tensor, Tensor]]:
-        cfg = self.config
-        if training:
-            thr, iou, pre, post = (cfg.rpn_train_score_threshold, cfg.rpn_train_nms_iou,
-                                   cfg.rpn_train_pre_nms_top_n, cfg.rpn_train_post_nms_top_n)
-        else:
-            thr, iou, pre, post = (cfg.rpn_test_score_threshold, cfg.rpn_test_nms_iou,
-                                   cfg.rpn_test_pre_nms_top_n, cfg.rpn_test_post_nms_top_n)
+        """Per-image proposals by the host-driven NMS (prediction on whole scans, where it is faster)."""
+        thr, iou, pre, post = self._thresholds(training)
         return [
             select_proposals(rpn_out.logits[b], rpn_out.deltas[b], rpn_out.anchors, shape, self.box_coder,
                              thr, iou, pre, post)
             for b in range(rpn_out.logits.shape[0])
         ]
 
-    def _rpn_losses(
-        self, rpn_out: RpnOutput, gt: list[Tensor], generator: torch.Generator | None
-    ) -> tuple[Tensor, Tensor]:
+    def _batch_losses(
+        self,
+        features: BackboneFeatures,
+        rpn_out: RpnOutput,
+        proposals: BatchedBoxes | None,
+        targets: Sequence[NoduleTargets],
+        stages: set[str],
+        generator: torch.Generator | None,
+    ) -> dict[str, Tensor]:
+        """RPN and RCNN losses of the whole batch at once (static shapes, no host round trip)."""
         cfg = self.config
-        per_image = [
-            assign_rpn_targets(rpn_out.anchors, g, pos_iou=cfg.rpn_pos_iou, neg_iou=cfg.rpn_neg_iou,
-                               box_coder=self.box_coder)
-            for g in gt
-        ]
-        stacked = stack_rpn_targets(per_image)
+        device = rpn_out.logits.device
+        gt, gt_valid = pad_gt_boxes([t.gt_boxes for t in targets], device)
+        rpn_targets = assign_rpn_targets_batched(rpn_out.anchors, gt, gt_valid, pos_iou=cfg.rpn_pos_iou,
+                                                 neg_iou=cfg.rpn_neg_iou, box_coder=self.box_coder)
         # With focal loss the loss itself down-weights easy negatives, so hard-negative mining is switched off.
-        labels = sample_rpn_anchors(
-            stacked.labels,
-            rpn_out.logits,
-            num_neg=cfg.rpn_num_neg,
-            num_hard=0 if cfg.focal_loss else cfg.rpn_num_hard,
-            generator=generator,
-        )
-        return rpn_loss(rpn_out.logits, rpn_out.deltas, stacked._replace(labels=labels), focal=cfg.focal_loss)
+        labels = sample_rpn_anchors(rpn_targets.labels, rpn_out.logits, num_neg=cfg.rpn_num_neg,
+                                    num_hard=0 if cfg.focal_loss else cfg.rpn_num_hard, generator=generator)
+        losses: dict[str, Tensor] = {}
+        losses["rpn_cls"], losses["rpn_reg"] = rpn_loss(rpn_out.logits, rpn_out.deltas,
+                                                        rpn_targets._replace(labels=labels), focal=cfg.focal_loss)
+        if "rcnn" in stages:
+            assert proposals is not None
+            b, p = proposals.valid.shape
+            keys = draw_rcnn_keys(b, p + gt.shape[1], cfg.rcnn_batch_size, generator, device)
+            sampled = sample_rcnn_batched(proposals.boxes, proposals.valid, gt, gt_valid, keys,
+                                          fg_iou=cfg.rcnn_fg_iou, bg_iou=cfg.rcnn_bg_iou,
+                                          batch_size=cfg.rcnn_batch_size, fg_fraction=cfg.rcnn_fg_fraction,
+                                          box_coder=self.box_coder)
+            logits, deltas = self._rcnn_forward_batched(features, sampled.proposals)
+            flat = RcnnTargets(sampled.proposals.reshape(-1, 6), sampled.labels.flatten(),
+                               sampled.deltas.reshape(-1, 6), sampled.matched_gt.flatten())
+            losses["rcnn_cls"], losses["rcnn_reg"] = rcnn_loss(logits, deltas, flat, focal=cfg.focal_loss,
+                                                               valid=sampled.valid.flatten())
+        return losses
+
+    def _crop_rcnn(self, features: BackboneFeatures, boxes: Tensor, bidx: Tensor, max_region: int | None) -> Tensor:
+        cfg = self.config
+        # out2 (the encoder map: decoupled, as published) or comb2 (the decoder map: the coupled ablation).
+        return crop_and_pool(getattr(features, cfg.rcnn_feature_map), boxes, bidx, cfg.stride, cfg.rcnn_crop_size,
+                             cfg.rcnn_crop_frame, max_region)
+
+    def _rcnn_forward_batched(self, features: BackboneFeatures, boxes: Tensor) -> tuple[Tensor, Tensor]:
+        """RCNN head on ``boxes [B, K, 6]`` (padding slots included: static shapes) -> ``[B*K, C]``, ``[B*K, 6C]``."""
+        b, k = boxes.shape[:2]
+        bidx = torch.arange(b, device=boxes.device).repeat_interleave(k)
+        return self.rcnn_head(self._crop_rcnn(features, boxes.reshape(-1, 6), bidx, None))
 
     def _rcnn_forward(self, features: BackboneFeatures, boxes: list[Tensor]) -> tuple[Tensor, Tensor]:
         """RCNN head on the boxes of every image at once -> (class logits [N, C], deltas [N, 6C])."""
@@ -312,26 +349,30 @@ class NoduleNet(nn.Module):
             boxes = [features.out2.new_zeros((0, 6))]
         flat = torch.cat(boxes, dim=0)
         bidx = torch.cat([torch.full((len(b),), i, dtype=torch.long) for i, b in enumerate(boxes)])
-        crops = crop_and_pool(getattr(features, self.config.rcnn_feature_map), flat, bidx, self.config.stride,
-                              self.config.rcnn_crop_size)
-        return self.rcnn_head(crops)
+        # Prediction may read the boxes (host-driven anyway): the longest region sizes the lookup tables.
+        ranges = feature_crop_ranges(flat, self.config.stride, tuple(features.out2.shape[2:]),
+                                     self.config.rcnn_crop_frame)
+        longest = int((ranges[:, 3:] - ranges[:, :3]).max()) if flat.shape[0] else 1
+        return self.rcnn_head(self._crop_rcnn(features, flat, bidx, longest))
 
-    def _rcnn_losses(
-        self,
-        features: BackboneFeatures,
-        proposals: list[tuple[Tensor, Tensor]],
-        gt: list[Tensor],
-        generator: torch.Generator | None,
-    ) -> tuple[Tensor, Tensor]:
+    @torch.no_grad()
+    def _detect_batched(self, features: BackboneFeatures, proposals: BatchedBoxes, shape: tuple[int, int, int],
+                        training: bool) -> BatchedBoxes:
+        """:meth:`_detect` with the RCNN stage for the whole batch (``refine_detections`` per image, batched)."""
         cfg = self.config
-        sampled = [
-            assign_rcnn_targets(p, g, fg_iou=cfg.rcnn_fg_iou, bg_iou=cfg.rcnn_bg_iou, batch_size=cfg.rcnn_batch_size,
-                                fg_fraction=cfg.rcnn_fg_fraction, generator=generator, box_coder=self.box_coder)
-            for (p, _), g in zip(proposals, gt)
-        ]
-        logits, deltas = self._rcnn_forward(features, [s.proposals for s in sampled])
-        merged = RcnnTargets(*(torch.cat([getattr(s, f) for s in sampled], dim=0) for f in RcnnTargets._fields))
-        return rcnn_loss(logits, deltas, merged, focal=cfg.focal_loss)
+        thr = cfg.rcnn_train_score_threshold if training else cfg.rcnn_test_score_threshold
+        iou = cfg.rcnn_train_nms_iou if training else cfg.rcnn_test_nms_iou
+        b, k = proposals.valid.shape
+        logits, deltas = self._rcnn_forward_batched(features, proposals.boxes)
+        probs, fg_deltas = RcnnHead.foreground(logits, deltas)
+        probs = probs.view(b, k)
+        candidate = proposals.valid & (probs > thr)
+        ranked, order = torch.sort(torch.where(candidate, probs, torch.full_like(probs, -1.0)), dim=1,
+                                   descending=True, stable=True)
+        boxes = self.box_coder.decode(proposals.boxes.reshape(-1, 6).float(), fg_deltas.float()).float()
+        boxes = clamp_box_centres(boxes, shape).view(b, k, 6).gather(1, order[..., None].expand(-1, -1, 6))
+        index, kept = nms_batched_top_k(boxes, ranked > thr, iou, k)
+        return BatchedBoxes(boxes.gather(1, index[..., None].expand(-1, -1, 6)), ranked.gather(1, index), kept)
 
     def _detect(
         self,
@@ -369,26 +410,29 @@ class NoduleNet(nn.Module):
     def _mask_loss(
         self, x: Tensor, features: BackboneFeatures, det_boxes: list[Tensor], targets: Sequence[NoduleTargets]
     ) -> Tensor:
+        """Mask loss over every image's boxes that overlap a nodule (``mask_training_targets`` rules), batched."""
         cfg = self.config
         shape = tuple(int(s) for s in x.shape[2:])
-        crops_per_image: list[Tensor] = []
-        all_targets: list[Tensor] = []
-        for boxes, t in zip(det_boxes, targets):
+        crops, images, nodules, masks, origins = [], [], [], [], []
+        for b, (boxes, t) in enumerate(zip(det_boxes, targets)):
+            assert t.gt_masks is not None and t.gt_mask_origins is not None
             gt_boxes = t.gt_boxes.to(device=x.device, dtype=torch.float32)
             if cfg.mask_train_on_gt_boxes:
                 boxes = torch.cat((boxes, gt_boxes), dim=0)
-            crops = mask_crop_boxes(boxes, shape, cfg.mask_box_multiple)
-            assert t.gt_masks is not None and t.gt_mask_origins is not None
-            matched, mask_targets = mask_training_targets(
-                boxes, crops, gt_boxes, t.gt_masks, t.gt_mask_origins.to(x.device), cfg.mask_match_iou
-            )
-            crops_per_image.append(crops[matched])
-            all_targets += mask_targets
-        logits = self._run_mask_head(x, features, crops_per_image)
-        if not logits:
+            if boxes.shape[0] and gt_boxes.shape[0]:
+                best_iou, best_gt = box_iou_3d(boxes, gt_boxes).max(dim=1)
+                matched = best_iou >= cfg.mask_match_iou
+                crops.append(mask_crop_boxes(boxes, shape, cfg.mask_box_multiple)[matched])
+                images.append(torch.full((boxes.shape[0],), b, device=x.device)[matched])
+                nodules.append(best_gt[matched] + len(masks))
+            masks += list(t.gt_masks)
+            origins.append(t.gt_mask_origins.to(device=x.device, dtype=torch.long).reshape(-1, 3))
+        if not crops or sum(c.shape[0] for c in crops) == 0:
             # No nodule in reach: a zero that still touches the mask head keeps DDP's unused-parameter check quiet.
             return sum((p.sum() * 0.0 for p in self.mask_head.parameters()), torch.zeros((), device=x.device))
-        return mask_loss(logits, all_targets)
+        padded, sizes = pad_nodule_masks(masks, x.device)
+        return batched_mask_loss(self.mask_head, x, features.out1, features.comb2, torch.cat(crops),
+                                 torch.cat(images), torch.cat(nodules), padded, sizes, torch.cat(origins))
 
     def _finish(
         self,

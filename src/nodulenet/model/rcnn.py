@@ -22,68 +22,168 @@ from .box_ops import nms_3d
 from .rpn import clamp_box_centres
 
 
-def feature_crop_ranges(boxes: Tensor, stride: int, feature_shape_zyx: tuple[int, int, int]) -> Tensor:
-    """Integer ``[N, 6]`` (start, end) feature-voxel ranges, end exclusive, each at least one voxel, inside the map."""
+CROP_FRAMES = ("published", "voxel_corner")
+
+
+def feature_crop_ranges(
+    boxes: Tensor, stride: int, feature_shape_zyx: tuple[int, int, int], frame: str = "published"
+) -> Tensor:
+    """Integer ``[N, 6]`` (start, end) feature-voxel ranges, end exclusive, each at least one voxel, inside the map.
+
+    ``frame="published"`` (default) gives the published ``CropRoi`` ranges exactly: it works on the box in the
+    voxel-INDEX frame (centre of voxel ``i`` at ``i``, i.e. our corner coordinates minus 0.5), as
+    ``c0 = centre - size / 2``, ``c1 = c0 + size``, ``floor(c0 / s)``, ``ceil(c1 / s)``. ``"voxel_corner"`` is the
+    range of feature voxels the box's corner-frame extent touches (``floor(z0 / s) .. ceil(z1 / s)``); the two
+    differ by one feature voxel at an end whenever the 0.5 shift carries a corner across a multiple of ``s``
+    (about a third of random proposals). Both clamp to the map; a range is kept at least one voxel wide (the
+    published code would pool an empty crop there and fail).
+    """
+    if frame not in CROP_FRAMES:
+        raise ValueError(f"frame must be one of {CROP_FRAMES}, got {frame!r}")
     sizes = torch.tensor(feature_shape_zyx, device=boxes.device, dtype=torch.long)
-    start = torch.floor(boxes[:, :3].float() / stride).long()
-    end = torch.ceil(boxes[:, 3:].float() / stride).long()
+    lo, hi = boxes[:, :3].float(), boxes[:, 3:].float()
+    if frame == "published":
+        side = hi - lo
+        c0 = (lo + hi) / 2 - 0.5 - side / 2
+        lo, hi = c0, c0 + side
+    start = torch.floor(lo / stride).long()
+    end = torch.ceil(hi / stride).long()
     start = torch.minimum(torch.clamp(start, min=0), sizes - 1)
     end = torch.maximum(torch.minimum(end, sizes), start + 1)
     return torch.cat((start, end), dim=1)
 
 
 def crop_and_pool(
-    features: Tensor, boxes: Tensor, batch_index: Tensor, stride: int, crop_size: int
+    features: Tensor,
+    boxes: Tensor,
+    batch_index: Tensor,
+    stride: int,
+    crop_size: int,
+    frame: str = "published",
+    max_region: int | None = None,
 ) -> Tensor:
-    """Max-pool the feature region under each box to ``[N, C, crop_size, crop_size, crop_size]``.
+    """Max-pool the feature region under each box to ``[N, C, crop_size, crop_size, crop_size]`` in one batched op.
 
     ``features`` is ``[B, C, Z, Y, X]`` at ``stride``; ``batch_index[i]`` says which image box ``i`` is in.
     Same bins as ``F.adaptive_max_pool3d`` (the published op): bin ``i`` of a length-``L`` axis is
-    ``[floor(i*L/k), ceil((i+1)*L/k))``. Regions of equal size are pooled as one batch by :func:`_adaptive_max_pool`
-    (separable gathers + max) - ``F.adaptive_max_pool3d`` costs ~1 ms per small crop on CPU, and a whole scan
-    has up to a thousand proposals. torchvision's RoI ops are 2-D only and not a dependency.
+    ``[floor(i*L/k), ceil((i+1)*L/k))``; see :func:`roi_adaptive_max_pool3d`. ``max_region`` bounds the region
+    length on every axis when the caller knows it (prediction passes the measured one, which keeps the lookup
+    tables small); the default, the map size, needs no look at the boxes, so a training step never waits on them.
     """
-    n = boxes.shape[0]
+    ranges = feature_crop_ranges(boxes, stride, tuple(features.shape[2:]), frame)
+    return roi_adaptive_max_pool3d(features, ranges, batch_index.to(features.device), crop_size, max_region)
+
+
+def _max_bin_width(length: int, bins: int) -> int:
+    return max(-((-(i + 1) * length) // bins) - (i * length) // bins for i in range(bins))
+
+
+def _levels(max_width: int) -> int:
+    """Sparse-table levels (widths 1, 2, 4, ...) needed to cover ranges up to ``max_width``."""
+    return max(1, max_width.bit_length())
+
+
+# Elements of one chunk of lookup tables (values + int32 indices, ~8 bytes each): bounds the transient memory.
+_TABLE_CHUNK_ELEMENTS = 1 << 25
+
+
+def roi_adaptive_max_pool3d(
+    features: Tensor, ranges: Tensor, batch_index: Tensor, bins: int, max_region: int | None = None
+) -> Tensor:
+    """Exact ``adaptive_max_pool3d`` of the regions ``ranges [N, 6]`` (feature voxels, end exclusive) of
+    ``features [B, C, Z, Y, X]`` to ``[N, C, bins, bins, bins]``, for all regions at once with static shapes.
+
+    How: every bin is an axis-aligned box of width ``w <= W`` per axis (``W`` from the largest possible region).
+    A range maximum over ``[p, p + w)`` equals ``max(T_l[p], T_l[p + w - 2^l])`` with ``l = floor(log2 w)`` and
+    ``T_l`` the sliding maximum of width ``2^l`` (a sparse table, as in range-minimum queries), so with the
+    ``levels^3`` tables of the 3-D sliding maxima every bin is the maximum of 8 table lookups. Building the tables
+    is a few dozen whole-map ``maximum`` ops, the lookups are 8 gathers for all regions: no per-region slices,
+    no host round trip (the old per-proposal slicing issued ~35,000 tensor calls per tiny-network training step).
+    Values equal ``F.adaptive_max_pool3d`` bit for bit, and so does the gradient (it reaches each bin's arg-max
+    voxel; see :func:`_pool_from_tables` for exact ties).
+    """
+    n = ranges.shape[0]
+    b_size, channels = features.shape[:2]
+    spatial = tuple(int(s) for s in features.shape[2:])
     if n == 0:
-        return features.new_zeros((0, features.shape[1], crop_size, crop_size, crop_size))
-    ranges = feature_crop_ranges(boxes, stride, tuple(features.shape[2:])).tolist()
-    bidx = batch_index.tolist()
-    groups: dict[tuple[int, int, int], list[int]] = {}
-    for i, (z0, y0, x0, z1, y1, x1) in enumerate(ranges):
-        groups.setdefault((z1 - z0, y1 - y0, x1 - x0), []).append(i)
-    pooled: list[Tensor] = []
-    order: list[int] = []
-    for size, members in groups.items():
-        regions = torch.cat([
-            features[bidx[i] : bidx[i] + 1, :, r[0] : r[3], r[1] : r[4], r[2] : r[5]]
-            for i in members
-            for r in (ranges[i],)
-        ])
-        pooled.append(_adaptive_max_pool(regions, size, crop_size))
-        order += members
-    out = torch.cat(pooled)
-    inverse = torch.empty(n, dtype=torch.long, device=out.device)
-    inverse[torch.tensor(order, device=out.device)] = torch.arange(n, device=out.device)
-    return out[inverse]
+        return features.new_zeros((0, channels, bins, bins, bins))
+    limit = [s if max_region is None else max(1, min(s, max_region)) for s in spatial]
+    levels = [_levels(max(_max_bin_width(length, bins) for length in range(1, lim + 1))) for lim in limit]
+    lookups = _bin_lookups(ranges, bins, levels, spatial)
+    pooled = _pool_from_tables(features, batch_index, lookups, levels)
+    return pooled.permute(0, 2, 1).reshape(n, channels, bins, bins, bins)
 
 
-def _bin_indices(length: int, bins: int, device: torch.device) -> Tensor:
-    """``[bins, K]`` input indices of each adaptive-pooling bin; short bins repeat their last index (max-neutral)."""
-    i = torch.arange(bins, device=device)
-    start = torch.div(i * length, bins, rounding_mode="floor")
-    end = -torch.div(-(i + 1) * length, bins, rounding_mode="floor")
-    k = int((end - start).max())
-    idx = start[:, None] + torch.arange(k, device=device)[None, :]
-    return torch.minimum(idx, end[:, None] - 1)
+def _bin_lookups(ranges: Tensor, bins: int, levels: list[int], spatial: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    """Per region and bin: the table number ``[N, bins^3]`` and the 8 flat positions ``[8, N, bins^3]``."""
+    i = torch.arange(bins, device=ranges.device)
+    tables = None
+    corners: list[Tensor] = []
+    for axis in range(3):
+        start, length = ranges[:, axis, None], (ranges[:, axis + 3] - ranges[:, axis])[:, None]
+        lo = start + torch.div(i * length, bins, rounding_mode="floor")
+        hi = start - torch.div(-(i + 1) * length, bins, rounding_mode="floor")
+        width = hi - lo
+        level = torch.zeros_like(width)
+        for j in range(1, levels[axis]):
+            level += (width >= (1 << j)).long()
+        level = torch.minimum(level, torch.full_like(level, levels[axis] - 1))
+        second = hi - torch.bitwise_left_shift(torch.ones_like(level), level)
+        tables = level if tables is None else tables[..., None] * levels[axis] + level[:, None, :]
+        corners.append(torch.stack((lo, second)))  # [2, N, bins]
+        if axis == 1:
+            tables = tables.flatten(1)
+    assert tables is not None
+    tables = tables.flatten(1)
+    sy, sx = spatial[1] * spatial[2], spatial[2]
+    cz, cy, cx = corners
+    pos = (cz[:, None, None, :, :, None, None] * sy + cy[None, :, None, :, None, :, None] * sx
+           + cx[None, None, :, :, None, None, :])  # [2, 2, 2, N, bins, bins, bins]
+    return tables, pos.reshape(8, ranges.shape[0], -1)
 
 
-def _adaptive_max_pool(regions: Tensor, size: tuple[int, int, int], bins: int) -> Tensor:
-    """Exact adaptive max pooling of ``[n, C, *size]`` to ``bins^3``, one axis at a time (max is separable)."""
-    out = regions
-    for axis, length in zip((2, 3, 4), size):
-        idx = _bin_indices(length, bins, regions.device)
-        out = out.index_select(axis, idx.flatten()).unflatten(axis, tuple(idx.shape)).amax(dim=axis + 1)
-    return out
+def _sliding_max(values: Tensor, dim: int, shift: int) -> Tensor:
+    """Max of each position and the one ``shift`` further along ``dim`` (the last one repeats)."""
+    size = values.shape[dim]
+    ahead = torch.clamp(torch.arange(shift, size + shift, device=values.device), max=size - 1)
+    return torch.maximum(values, values.index_select(dim, ahead))
+
+
+def _build_tables(features: Tensor, levels: list[int]) -> Tensor:
+    """``[T * B * Z*Y*X, C]`` sliding-maximum tables (T = product of levels, z level slowest; rows of C values)."""
+    b, c, z, y, x = features.shape
+    current = [features.permute(0, 2, 3, 4, 1)]  # [B, Z, Y, X, C]: a lookup reads one C-long row
+    for axis in range(3):  # after the loop: table (lz, ly, lx) at lz*Ly*Lx + ly*Lx + lx
+        grown = []
+        for values in current:
+            per_level = [values]
+            for level in range(1, levels[axis]):
+                per_level.append(_sliding_max(per_level[-1], axis + 1, 1 << (level - 1)))
+            grown.extend(per_level)
+        current = grown
+    return torch.stack(current).reshape(-1, c)
+
+
+def _pool_from_tables(features: Tensor, batch_index: Tensor, lookups: tuple[Tensor, Tensor],
+                      levels: list[int]) -> Tensor:
+    """``[N, bins^3, C]`` pooled maxima: per bin the max of its 8 table lookups. Plain differentiable ops, so
+    autograd routes the gradient back through the lookups and the ``maximum``s to the arg-max voxels (an exact
+    tie of two different voxels shares it, as ``amax`` does; in practice only ReLU zeros tie, and the ReLU drops
+    their gradient)."""
+    tables, positions = lookups
+    b, c = features.shape[:2]
+    zyx = features.shape[2] * features.shape[3] * features.shape[4]
+    n, cells = tables.shape
+    n_tables = levels[0] * levels[1] * levels[2]
+    rows_base = (tables * b + batch_index[:, None]) * zyx  # row of (table, image, position 0)
+    per_chunk = max(1, _TABLE_CHUNK_ELEMENTS // max(1, n_tables * b * zyx))
+    out = []
+    for c0 in range(0, c, per_chunk):
+        values = _build_tables(features[:, c0 : c0 + per_chunk], levels)
+        # One gather for the 8 corners (its backward is one scatter into the tables, not eight).
+        corners = values.index_select(0, (rows_base[None] + positions).flatten())
+        out.append(corners.view(8, n * cells, -1).amax(dim=0))
+    return torch.cat(out, dim=1).view(n, cells, c)
 
 
 class RcnnHead(nn.Module):

@@ -10,16 +10,19 @@ Channel layout of the 1x1 convolutions is the published one (channel ``a`` for l
 so published weights decode identically.
 
 Also here: :func:`select_proposals`, the published RPN post-processing (score threshold, decode, centre clamp,
-NMS) for one image, and :func:`clamp_box_centres`.
+NMS) for one image, its whole-batch, static-shape twin :func:`select_proposals_batched` (the training step), and
+:func:`clamp_box_centres`.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from .box_coder import BoxCoder
-from .box_ops import nms_3d
+from .box_ops import nms_3d, nms_batched_top_k
 
 
 class RpnHead(nn.Module):
@@ -88,3 +91,49 @@ def select_proposals(
     if post_nms_top_n is not None:
         keep = keep[:post_nms_top_n]
     return boxes[keep], scores[idx][keep]
+
+
+class BatchedBoxes(NamedTuple):
+    """Boxes of a whole batch with static shapes: ``boxes [B, K, 6]``, ``scores [B, K]`` and ``valid [B, K]``
+    (the real entries of each image come first, by decreasing score; the rest is padding)."""
+
+    boxes: Tensor
+    scores: Tensor
+    valid: Tensor
+
+    def per_image(self) -> list[tuple[Tensor, Tensor]]:
+        """``[(boxes [k_b, 6], scores [k_b])]`` per image (reads ``valid``: a host round trip on a GPU)."""
+        return [(b[v], s[v]) for b, s, v in zip(self.boxes, self.scores, self.valid)]
+
+
+@torch.no_grad()
+def select_proposals_batched(
+    logits: Tensor,
+    deltas: Tensor,
+    anchors: Tensor,
+    image_shape_zyx: tuple[int, int, int],
+    coder: BoxCoder,
+    score_threshold: float,
+    nms_iou: float,
+    pre_nms_top_n: int | None,
+    post_nms_top_n: int | None,
+) -> BatchedBoxes:
+    """:func:`select_proposals` for every image of ``logits [B, N]`` / ``deltas [B, N, 6]`` at once, padded to
+    ``post_nms_top_n`` (or ``pre_nms_top_n``, or N) slots, without a host round trip; the valid entries of image
+    ``b`` are exactly ``select_proposals`` of image ``b`` (ties in score: anchor order)."""
+    b, n = logits.shape
+    scores = torch.sigmoid(logits.detach().float())
+    keep_n = n if pre_nms_top_n is None else min(pre_nms_top_n, n)
+    ranked = torch.where(scores > score_threshold, scores, torch.full_like(scores, -1.0))
+    top_scores, top = torch.sort(ranked, dim=1, descending=True, stable=True)
+    top_scores, top = top_scores[:, :keep_n], top[:, :keep_n]
+    candidate = top_scores > score_threshold
+    picked = deltas.detach().float().gather(1, top[..., None].expand(-1, -1, 6))
+    boxes = coder.decode(anchors[top.flatten()], picked.reshape(-1, 6)).float()
+    boxes = clamp_box_centres(boxes, image_shape_zyx).view(b, keep_n, 6)
+    slots = keep_n if post_nms_top_n is None else min(post_nms_top_n, keep_n)
+    index, kept = nms_batched_top_k(boxes, candidate, nms_iou, slots)
+    out_boxes = boxes.gather(1, index[..., None].expand(-1, -1, 6))
+    out_scores = top_scores.gather(1, index)
+    return BatchedBoxes(out_boxes * kept[..., None], torch.where(kept, out_scores, 0.0), kept)
+

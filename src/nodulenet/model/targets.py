@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from nodulenet.model.box_coder import BoxCoder
-from nodulenet.model.box_ops import box_iou_3d
+from nodulenet.model.box_ops import box_iou_3d, box_iou_batched
 
 __all__ = [
     "RpnTargets",
@@ -44,6 +44,11 @@ __all__ = [
     "sample_rpn_anchors",
     "stack_rpn_targets",
     "assign_rcnn_targets",
+    "assign_rpn_targets_batched",
+    "pad_gt_boxes",
+    "RcnnSampleKeys",
+    "draw_rcnn_keys",
+    "sample_rcnn_batched",
 ]
 
 LABEL_POSITIVE = 1
@@ -180,10 +185,10 @@ def sample_rpn_anchors(
     negative = rows == LABEL_NEGATIVE
     if max_pos is not None:
         kept_pos = _keep_random(positive, max_pos, generator)
-        out[positive & ~kept_pos] = LABEL_IGNORE
+        out.masked_fill_(positive & ~kept_pos, LABEL_IGNORE)
         positive = kept_pos
     kept_neg = _keep_random(negative, num_neg, generator)
-    out[negative & ~kept_neg] = LABEL_IGNORE
+    out.masked_fill_(negative & ~kept_neg, LABEL_IGNORE)
 
     if logits is not None and num_hard > 0:
         scores = logits.detach()
@@ -193,12 +198,14 @@ def sample_rpn_anchors(
             else:
                 raise ValueError(f"logits shape {tuple(logits.shape)} does not match labels {tuple(labels.shape)}")
         scores = scores.reshape(rows.shape).float()
-        num_hard_total = num_hard * max(1, int(positive.sum()))
+        # Rank of every kept negative by score over the whole batch, on the device (no host round trip): the
+        # num_hard * max(1, positives) best stay; fewer kept negatives than that keeps them all.
+        num_hard_total = num_hard * positive.sum().clamp(min=1)
         flat_scores = torch.where(kept_neg, scores, torch.full_like(scores, -torch.inf)).flatten()
-        if num_hard_total < int(kept_neg.sum()):
-            hardest = torch.zeros_like(kept_neg).flatten()
-            hardest[torch.topk(flat_scores, num_hard_total).indices] = True
-            out[kept_neg & ~hardest.reshape(rows.shape)] = LABEL_IGNORE
+        order = torch.sort(flat_scores, descending=True, stable=True).indices
+        rank = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        hardest = (rank < num_hard_total).reshape(rows.shape)
+        out.masked_fill_(kept_neg & ~hardest, LABEL_IGNORE)
     return out.reshape(labels.shape)
 
 
@@ -309,3 +316,148 @@ def _rcnn_result(
         labels[:num_fg] = gt_labels[matched[:num_fg]]
         deltas[:num_fg] = coder.encode(candidates[fg], gt_boxes[matched[:num_fg]].float()).float()
     return RcnnTargets(candidates[index], labels, deltas, matched)
+
+
+# ------------------------------------------------------------------ whole-batch, static-shape forms (training step)
+
+
+def pad_gt_boxes(gt_boxes: Sequence[Tensor], device: torch.device) -> tuple[Tensor, Tensor]:
+    """Per-image nodule boxes as ``[B, G, 6]`` (G = most nodules of any image, at least 1) + ``valid [B, G]``.
+
+    The counts come from the host-side lists the loader made, so this needs no look at device values.
+    """
+    g = max([1, *(int(t.shape[0]) for t in gt_boxes)])
+    padded = torch.zeros((len(gt_boxes), g, 6), dtype=torch.float32, device=device)
+    valid = torch.zeros((len(gt_boxes), g), dtype=torch.bool, device=device)
+    for i, t in enumerate(gt_boxes):
+        if t.shape[0]:
+            padded[i, : t.shape[0]] = t.to(device=device, dtype=torch.float32)
+            valid[i, : t.shape[0]] = True
+    return padded, valid
+
+
+@torch.no_grad()
+def assign_rpn_targets_batched(
+    anchors: Tensor,
+    gt_boxes: Tensor,
+    gt_valid: Tensor,
+    *,
+    pos_iou: float = 0.5,
+    neg_iou: float = 0.02,
+    box_coder: BoxCoder | None = None,
+) -> RpnTargets:
+    """:func:`assign_rpn_targets` (with ``allow_low_quality``) for a whole batch: ``anchors [A, 6]``, padded
+    ``gt_boxes [B, G, 6]`` + ``gt_valid [B, G]`` -> ``[B, A]`` / ``[B, A, 6]`` targets, identical per image."""
+    coder = box_coder or BoxCoder()
+    b, g = gt_valid.shape
+    gt = torch.where(gt_valid[..., None], gt_boxes.float(), torch.zeros_like(gt_boxes, dtype=torch.float32))
+    iou = box_iou_batched(anchors[None].expand(b, -1, -1), gt)  # [B, A, G]; padding has IoU 0
+    best_iou, best_gt = iou.max(dim=2)
+    positive = best_iou >= pos_iou
+    best_per_gt = iou.max(dim=1, keepdim=True).values  # [B, 1, G]
+    is_best = (iou == best_per_gt) & (best_per_gt > 0) & gt_valid[:, None, :]
+    # An anchor best for several nodules keeps the last one listed, as published (label_assign[fg] = a).
+    gt_number = torch.arange(1, g + 1, device=iou.device)
+    low_quality = (is_best * gt_number).amax(dim=2) - 1  # -1: best for no nodule
+    matched = torch.where(low_quality >= 0, low_quality, torch.where(positive, best_gt, -1))
+    positive |= low_quality >= 0
+    labels = torch.full(best_iou.shape, LABEL_IGNORE, dtype=torch.int8, device=iou.device)
+    labels.masked_fill_(best_iou < neg_iou, LABEL_NEGATIVE).masked_fill_(positive, LABEL_POSITIVE)
+    target = gt.gather(1, matched.clamp(min=0)[..., None].expand(-1, -1, 6))
+    deltas = coder.encode(anchors.repeat(b, 1), target.reshape(-1, 6)).float().view(b, -1, 6)
+    deltas = torch.where(positive[..., None], deltas, torch.zeros_like(deltas))
+    return RpnTargets(labels, matched, deltas)
+
+
+class RcnnSampleKeys(NamedTuple):
+    """The random numbers one RCNN sampling of a batch uses (drawn by :func:`draw_rcnn_keys`): a key per
+    candidate for foreground and for background draws without replacement (largest keys win), and one uniform
+    per slot for background draws with replacement (slot ``s`` takes pool member ``floor(u * pool size)``)."""
+
+    fg: Tensor  # [B, M]
+    bg: Tensor  # [B, M]
+    replace: Tensor  # [B, S]
+
+
+def draw_rcnn_keys(batch: int, candidates: int, slots: int, generator: torch.Generator | None,
+                   device: torch.device) -> RcnnSampleKeys:
+    return RcnnSampleKeys(_random_keys((batch, candidates), generator, device),
+                          _random_keys((batch, candidates), generator, device),
+                          _random_keys((batch, slots), generator, device))
+
+
+class BatchedRcnnTargets(NamedTuple):
+    """:class:`RcnnTargets` of a whole batch in ``[B, S]`` slots (foreground first in each image), + ``valid``."""
+
+    proposals: Tensor  # [B, S, 6]
+    labels: Tensor  # [B, S]
+    deltas: Tensor  # [B, S, 6]
+    matched_gt: Tensor  # [B, S]
+    valid: Tensor  # [B, S]
+
+
+@torch.no_grad()
+def sample_rcnn_batched(
+    proposals: Tensor,
+    proposal_valid: Tensor,
+    gt_boxes: Tensor,
+    gt_valid: Tensor,
+    keys: RcnnSampleKeys,
+    *,
+    fg_iou: float = 0.5,
+    bg_iou: float = 0.1,
+    batch_size: int = 64,
+    fg_fraction: float = 0.5,
+    box_coder: BoxCoder | None = None,
+) -> BatchedRcnnTargets:
+    """The rules of :func:`assign_rcnn_targets` (ground truth appended to the proposals, class 1, background with
+    replacement when short) for every image at once, drawing from ``keys`` instead of a per-image ``randperm``.
+
+    ``proposals [B, P, 6]`` + ``proposal_valid [B, P]`` (valid ones first), padded ``gt_boxes [B, G, 6]`` +
+    ``gt_valid``. Candidates are the P proposal slots then the G ground-truth slots (``keys`` are ``[B, P + G]``).
+    Returns ``batch_size`` slots per image: foreground (at most ``round(fg_fraction * batch_size)``, largest
+    ``keys.fg`` first) then background; slots past an image's sample are ``valid = False``.
+    """
+    coder = box_coder or BoxCoder()
+    b, p = proposal_valid.shape
+    slots = batch_size
+    candidates = torch.cat((proposals.detach().float(), gt_boxes.float()), dim=1)  # [B, M, 6]
+    valid = torch.cat((proposal_valid, gt_valid), dim=1)
+    iou = box_iou_batched(candidates, gt_boxes.float())
+    iou = torch.where(gt_valid[:, None, :], iou, torch.full_like(iou, -1.0))
+    best_iou, best_gt = iou.max(dim=2)
+    has_gt = gt_valid.any(dim=1, keepdim=True)  # [B, 1]
+    fg_pool = valid & has_gt & (best_iou >= fg_iou)
+    bg_pool = valid & has_gt & (best_iou < bg_iou)
+    max_fg = int(round(fg_fraction * batch_size))
+    n_fg = torch.clamp(fg_pool.sum(dim=1, keepdim=True), max=max_fg)
+    n_bg_pool = bg_pool.sum(dim=1, keepdim=True)
+    n_valid = valid.sum(dim=1, keepdim=True)
+    # Which pool the background comes from, how many, and whether with replacement (published cases).
+    neither = (n_fg == 0) & (n_bg_pool == 0)
+    pool = torch.where(has_gt & ~neither, bg_pool, valid)
+    n_pool = torch.where(has_gt & ~neither, n_bg_pool, n_valid)
+    n_bg = torch.where(has_gt, torch.where(neither, slots, torch.where(n_fg > 0, slots - n_fg, slots) * (n_bg_pool > 0)),
+                       torch.clamp(n_valid, max=slots))
+    replace = has_gt & (n_bg > n_pool)
+
+    fg_order = torch.sort(torch.where(fg_pool, keys.fg, -1.0), dim=1, descending=True).indices
+    bg_order = torch.sort(torch.where(pool, keys.bg, -1.0), dim=1, descending=True).indices
+    by_index = torch.sort((~pool).to(torch.uint8), dim=1, stable=True).indices  # pool members in candidate order
+    slot = torch.arange(slots, device=valid.device)[None, :]
+    drawn = torch.floor(keys.replace * n_pool).long().clamp(max=by_index.shape[1] - 1)
+    bg_pick = torch.where(replace, by_index.gather(1, drawn), bg_order[:, :slots] if bg_order.shape[1] >= slots
+                          else bg_order.gather(1, slot.clamp(max=bg_order.shape[1] - 1).expand(b, -1)))
+    bg_slot = (slot - n_fg).clamp(min=0)
+    chosen = torch.where(slot < n_fg, fg_order.gather(1, slot.clamp(max=fg_order.shape[1] - 1).expand(b, -1)),
+                         bg_pick.gather(1, bg_slot))
+    is_fg = slot < n_fg
+    in_sample = slot < n_fg + n_bg
+    boxes = candidates.gather(1, chosen[..., None].expand(-1, -1, 6))
+    matched = torch.where(is_fg, best_gt.gather(1, chosen), -1)
+    labels = is_fg.long()
+    target = gt_boxes.float().gather(1, matched.clamp(min=0)[..., None].expand(-1, -1, 6))
+    deltas = coder.encode(boxes.reshape(-1, 6), target.reshape(-1, 6)).float().view(b, slots, 6)
+    deltas = torch.where(is_fg[..., None], deltas, torch.zeros_like(deltas))
+    return BatchedRcnnTargets(boxes, labels, deltas, matched, in_sample)
+

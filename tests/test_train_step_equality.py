@@ -1,0 +1,174 @@
+"""The batched, device-resident training step computes what the old per-image, per-proposal step computed.
+
+Reference: ``tests/_reference_step.py`` (the old implementation, kept only here). On a fixed batch and seed every
+loss must agree within 1e-5 relative (fp32) and every parameter gradient within 1e-5 of the largest gradient, for
+the default network and the FPN and focal-loss variants, with all three stages on. A second test profiles one
+CPU step and fails if a host synchronisation (``aten::item`` / ``aten::_local_scalar_dense``) creeps back into
+the RPN/RCNN part of the step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from _reference_step import reference_losses
+from nodulenet.model import NoduleNet, NoduleTargets, tiny_config
+
+
+from test_model_net_modes import one_thread  # noqa: F401  (autouse: one OpenMP thread on the shared machine)
+
+
+SIZE = 48
+
+
+def _sphere_batch(n_images: int = 3) -> tuple[torch.Tensor, list[NoduleTargets]]:
+    """Bright spheres (0, 1 or 2 per image) in noise, with their boxes and tight masks."""
+    gen = torch.Generator().manual_seed(11)
+    z, y, x = torch.meshgrid(*(torch.arange(SIZE, dtype=torch.float32) + 0.5,) * 3, indexing="ij")
+    images, targets = [], []
+    centres = [[(20.0, 24.0, 18.0)], [(14.0, 30.0, 30.0), (34.0, 16.0, 22.0)], []]
+    for i in range(n_images):
+        image = -0.8 + 0.05 * torch.randn(SIZE, SIZE, SIZE, generator=gen)
+        boxes, masks, origins = [], [], []
+        for k, (cz, cy, cx) in enumerate(centres[i % len(centres)]):
+            r = 4.0 + 2 * k
+            sphere = (z - cz) ** 2 + (y - cy) ** 2 + (x - cx) ** 2 <= r * r
+            image[sphere] = 0.6
+            idx = torch.nonzero(sphere)
+            lo, hi = idx.min(0).values, idx.max(0).values + 1
+            boxes.append(torch.cat([lo - 2, hi + 2]).float())
+            masks.append(sphere[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]].to(torch.uint8))
+            origins.append(lo)
+        targets.append(NoduleTargets(torch.stack(boxes) if boxes else torch.zeros(0, 6), masks,
+                                     torch.stack(origins) if origins else torch.zeros(0, 3, dtype=torch.long)))
+        images.append(image)
+    return torch.stack(images)[:, None], targets
+
+
+def _config(**changes: object):
+    base = dataclasses.replace(tiny_config(), blocks_per_stage=(1, 1, 1, 1, 1, 1), rpn_train_pre_nms_top_n=800,
+                               rpn_train_post_nms_top_n=40, rcnn_crop_frame="voxel_corner")
+    return dataclasses.replace(base, **changes)
+
+
+def _grads(model: NoduleNet) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("variant", ["default", "fpn", "focal", "published_frame"])
+def test_batched_step_equals_the_old_step(variant: str) -> None:
+    changes = {"default": {}, "fpn": {"fpn": True}, "focal": {"focal_loss": True},
+               "published_frame": {"rcnn_crop_frame": "published"}}[variant]
+    torch.manual_seed(0)
+    model = NoduleNet(_config(**changes)).train()
+    images, targets = _sphere_batch()
+    stages = ("rpn", "rcnn", "mask")
+
+    new = model.losses(images, targets, stages=stages, generator=torch.Generator().manual_seed(5))
+    new["total"].backward()
+    new_grads = _grads(model)
+    model.zero_grad(set_to_none=True)
+    old = reference_losses(model, images, targets, stages, torch.Generator().manual_seed(5))
+    old["total"].backward()
+    old_grads = _grads(model)
+
+    assert set(new) == set(old) == {"rpn_cls", "rpn_reg", "rcnn_cls", "rcnn_reg", "mask", "total"}
+    new = {k: float(v.detach()) for k, v in new.items()}
+    old = {k: float(v.detach()) for k, v in old.items()}
+    for key in old:
+        assert old[key] > 0, f"{key} is 0: the comparison would not test anything"
+        assert abs(new[key] - old[key]) <= 1e-5 * abs(old[key]), (key, new[key], old[key])
+    assert set(new_grads) == set(old_grads)
+    largest = max(float(g.abs().max()) for g in old_grads.values())
+    worst = max(float((new_grads[n] - old_grads[n]).abs().max()) for n in old_grads)
+    assert worst < 1e-5 * largest, (worst, largest)
+
+
+def test_no_host_sync_in_the_rpn_and_rcnn_step() -> None:
+    """A profiled CPU step (forward + backward, RPN and RCNN stages) has no aten::item/_local_scalar_dense: every
+    such call is a point where a GPU step would stop and wait for the host. The old step made one per proposal
+    group, per image and per hard-negative count."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    model = NoduleNet(_config()).train()
+    images, targets = _sphere_batch()
+
+    def step(stages: tuple[str, ...]) -> dict[str, int]:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            model.losses(images, targets, stages=stages, generator=torch.Generator().manual_seed(5))["total"].backward()
+        return {e.key: e.count for e in prof.key_averages() if e.key in ("aten::item", "aten::_local_scalar_dense")}
+
+    assert step(("rpn", "rcnn")) == {}
+    # The mask stage reads its crop sizes back once (the mask head's convolutions are shaped by them), by
+    # tolist(), which is not an aten::item per value; it must not add per-crop item() calls either.
+    assert step(("rpn", "rcnn", "mask")) == {}
+    # The reference step does sync (so this test can tell the two apart).
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        reference_losses(model, images, targets, ("rpn", "rcnn"), torch.Generator().manual_seed(5))
+    assert sum(e.count for e in prof.key_averages() if e.key == "aten::_local_scalar_dense") > 0
+
+
+@pytest.mark.parametrize("n", [300, 2000])  # survival-matrix path and per-round IoU path
+def test_batched_nms_equals_nms_3d_per_image(n: int) -> None:
+    from nodulenet.model.box_ops import nms_3d, nms_batched_top_k
+
+    gen = torch.Generator().manual_seed(n)
+    b = 3
+    centre, size = torch.rand(b, n, 3, generator=gen) * 60, torch.rand(b, n, 3, generator=gen) * 15
+    boxes = torch.cat([centre - size / 2, centre + size / 2], dim=2)
+    boxes[0, 5, 3:] = boxes[0, 5, :3]  # a zero-volume box: never suppresses, never suppressed
+    scores, valid = torch.rand(b, n, generator=gen), torch.rand(b, n, generator=gen) > 0.2
+    order = torch.sort(torch.where(valid, scores, -1.0), dim=1, descending=True, stable=True).indices
+    sorted_boxes = boxes.gather(1, order[..., None].expand(-1, -1, 6))
+    for k in (40, n + 5):
+        index, kept = nms_batched_top_k(sorted_boxes, valid.gather(1, order), 0.1, k)
+        for i in range(b):
+            real = torch.nonzero(valid[i]).squeeze(1)
+            expected = real[nms_3d(boxes[i][real], scores[i][real], 0.1)][:k]
+            assert torch.equal(order[i][index[i][kept[i]]], expected)
+            assert bool(kept[i][: expected.numel()].all()) and not bool(kept[i][expected.numel():].any())
+
+
+def test_batched_proposals_equal_per_image_proposals() -> None:
+    from nodulenet.model.anchors import make_anchors
+    from nodulenet.model.box_coder import BoxCoder
+    from nodulenet.model.rpn import select_proposals, select_proposals_batched
+
+    anchors = make_anchors((8, 8, 8), 4, (5.0, 10.0, 20.0))
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, anchors.shape[0], generator=gen) * 0.5
+    deltas = torch.randn(3, anchors.shape[0], 6, generator=gen) * 0.2
+    for pre, post in ((600, 50), (None, None)):
+        batched = select_proposals_batched(logits, deltas, anchors, (32, 32, 32), BoxCoder(), 0.5, 0.1, pre, post)
+        for i, (boxes, scores) in enumerate(batched.per_image()):
+            ref_boxes, ref_scores = select_proposals(logits[i], deltas[i], anchors, (32, 32, 32), BoxCoder(), 0.5,
+                                                     0.1, pre, post)
+            assert boxes.shape[0] > 5 and torch.equal(boxes, ref_boxes) and torch.equal(scores, ref_scores)
+
+
+def test_batched_roi_pooling_equals_adaptive_max_pool_values_and_gradients() -> None:
+    import torch.nn.functional as F
+
+    from nodulenet.model.rcnn import feature_crop_ranges, roi_adaptive_max_pool3d
+
+    gen = torch.Generator().manual_seed(0)
+    # Strictly positive: no ties, so the arg-max (and the gradient) is unique.
+    features = (torch.rand(3, 5, 12, 10, 14, generator=gen, dtype=torch.float64) + 0.1).requires_grad_()
+    lo = torch.rand(40, 3, generator=gen) * torch.tensor([48.0, 40.0, 56.0])
+    boxes = torch.cat([lo - 5, lo + 1 + torch.rand(40, 3, generator=gen) * 50], dim=1)
+    batch = torch.randint(0, 3, (40,), generator=gen)
+    ranges = feature_crop_ranges(boxes, 4, (12, 10, 14))
+    reference = torch.stack([F.adaptive_max_pool3d(features[b, :, r[0] : r[3], r[1] : r[4], r[2] : r[5]], 7)
+                             for b, r in zip(batch.tolist(), ranges.tolist())])
+    longest = int((ranges[:, 3:] - ranges[:, :3]).max())
+    for max_region in (None, longest):
+        pooled = roi_adaptive_max_pool3d(features, ranges, batch, 7, max_region)
+        assert torch.equal(pooled, reference)
+        weights = torch.randn(pooled.shape, generator=gen, dtype=torch.float64)
+        (ours,) = torch.autograd.grad((pooled * weights).sum(), features)
+        (theirs,) = torch.autograd.grad((reference * weights).sum(), features, retain_graph=True)
+        assert torch.allclose(ours, theirs, rtol=0, atol=1e-12)
