@@ -63,3 +63,15 @@ def phantom_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.getbasetemp() / "phantom_cases"
     prepare_phantom_cases(root, [1, 3])
     return root
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch (OpenMP) thread for the test: on the shared 2-core machine two threads spin-wait on each other's
+    cores and small kernels run 3-10x slower. Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -3,7 +3,6 @@ and a second call continues the same run from its last.pt instead of starting ov
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from nodulenet.cli import app
@@ -25,12 +24,7 @@ PASS_A = (np.array([[0, 0, 0, 10, 10, 10]], float), np.array([0.9]))
 PASS_B = (np.array([[1, 1, 1, 11, 11, 11], [50, 50, 50, 60, 60, 60]], float), np.array([0.6, 0.8]))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_unflip_maps_a_box_back_and_is_its_own_inverse() -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -20,13 +19,7 @@ from nodulenet.model import (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    # Shared 2-core machine: one OpenMP thread avoids threads waiting on each other's cores (3x slower otherwise).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def small_config(**changes: object) -> NoduleNetConfig:

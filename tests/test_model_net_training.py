@@ -7,7 +7,6 @@ to find and outline the sphere in predict mode, and bf16 autocast must give (nea
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -21,14 +20,7 @@ CENTRE = (30.5, 34.5, 28.5)
 RADIUS = 6.0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    # The 2 CPU cores are shared: with 2 OpenMP threads and other jobs running, small kernels wait on each
-    # other and this test runs 3x slower; one thread keeps it predictable.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def sphere_case() -> tuple[torch.Tensor, NoduleTargets, torch.Tensor]:

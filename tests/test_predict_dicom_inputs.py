@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _bad_input import assert_one_clean_failure
 from _dicom_writers import (
     compress_file,
     corrupt_frame,
@@ -100,18 +101,8 @@ def _predict(study, scans: list[Path], out: Path, *extra: str):
 def test_bad_dicom_folder_is_one_line_exit_2_nothing_half_written(study, case: str, tmp_path: Path) -> None:
     folder, expected = study["bad"][case]
     out = tmp_path / "out"
-    result = _predict(study, [folder], out)
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit)
-    failed_lines = [line for line in result.output.splitlines() if line.startswith("failed ")]
-    assert len(failed_lines) == 1, result.output
-    assert all(text in failed_lines[0] for text in expected), failed_lines[0]
-    # nothing half-written: no scan folder, no temp files; only the run's config and summary
-    assert sorted(p.name for p in out.iterdir()) == ["predict_config.json", "summary.json"]
-    summary = json.loads((out / "summary.json").read_text())
-    assert (summary["done"], summary["failed"]) == (0, 1)
-    assert summary["scans"][0]["traceback"] is None and expected[1] in summary["scans"][0]["error"]
+    summary = assert_one_clean_failure(_predict(study, [folder], out), out, expected)
+    assert expected[1] in summary["scans"][0]["error"]
 
 
 def test_study_folder_reads_the_reader_choice_or_the_series_asked_for(study, tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from nodulenet.infer.cohort import Shard
 from nodulenet.io.findings import read_findings_json
 from nodulenet.io.image_files import read_image
 from nodulenet.model import NoduleNet, NoduleNetConfig, to_checkpoint_dict
-from nodulenet.predict_api import PredictOptions, predict_scans, run_demo
+from nodulenet.predict_api import PredictOptions, predict_scans
 
 pytestmark = pytest.mark.slow
 

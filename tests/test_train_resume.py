@@ -24,12 +24,7 @@ from nodulenet.train.loop import train
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Any:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def small_config(root: Path, **changes: Any) -> TrainConfig:

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from nodulenet.data.synthetic import prepare_phantom_cases
@@ -26,13 +24,7 @@ HEADS = ("rpn_cls", "rpn_reg", "rcnn_cls", "rcnn_reg", "mask")
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Any:
-    # Two OpenMP threads on two cores shared with other jobs run ~10x slower than one (spin-waiting).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_losses_are_finite_and_fall(phantom_root: Path, tmp_path: Path,

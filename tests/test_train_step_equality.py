@@ -17,8 +17,9 @@ import torch
 from _reference_step import reference_losses
 from nodulenet.model import NoduleNet, NoduleTargets, tiny_config
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-from test_model_net_modes import one_thread  # noqa: F401  (autouse: one OpenMP thread on the shared machine)
+
 
 
 SIZE = 48
