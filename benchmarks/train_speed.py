@@ -116,7 +116,7 @@ def main() -> None:
 def old_vs_new(args: argparse.Namespace) -> None:
     import torch
 
-    from train_step_ops import _batch, model_steps  # (it puts tests/ on the path for the reference step)
+    from train_step_ops import _batch, cases_root, model_steps  # (it puts tests/ on the path for the reference step)
 
     model_name = args.model or ("tiny" if args.quick else "published")
     crop = args.crop or (64 if args.quick else 128)
@@ -124,13 +124,7 @@ def old_vs_new(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     stages = ("rpn", "rcnn", "mask")
     with tempfile.TemporaryDirectory(prefix="train_speed_") as tmp:
-        root = args.data
-        if root is None:
-            from nodulenet.data.synthetic import prepare_phantom_cases
-
-            root = Path(tmp) / "cases"
-            prepare_phantom_cases(root, range(2))
-        model, images, targets = _batch(root, model_name, crop, args.batch)
+        model, images, targets = _batch(cases_root(args.data, Path(tmp)), model_name, crop, args.batch)
         old, new = model_steps(model, images, targets, stages)
         times: dict[str, list[float]] = {"old": [], "new": []}
         for step in (old, new):

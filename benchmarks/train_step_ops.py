@@ -55,6 +55,17 @@ def _batch(root: Path, model: str, crop: int, batch: int) -> tuple[Any, Any, lis
     return NoduleNet(cfg.model_network_config()).train(), first.images, to_targets(first, torch.device("cpu"))
 
 
+def cases_root(data: Path | None, tmp: Path) -> Path:
+    """``data`` (prepared cases), or two phantom cases prepared into ``tmp``."""
+    if data is not None:
+        return data
+    from nodulenet.data.synthetic import prepare_phantom_cases
+
+    root = tmp / "cases"
+    prepare_phantom_cases(root, range(2))
+    return root
+
+
 def model_steps(model: Any, images: Any, targets: list[Any], stages: tuple[str, ...]) -> tuple[Any, Any]:
     """``(old, new)``: forward + backward of the old reference step and of the batched step, same seed."""
     import torch
@@ -98,12 +109,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     stages = ("rpn", "rcnn", "mask")
     with tempfile.TemporaryDirectory(prefix="train_step_ops_") as tmp:
-        root = args.data
-        if root is None:
-            from nodulenet.data.synthetic import prepare_phantom_cases
-
-            root = Path(tmp) / "cases"
-            prepare_phantom_cases(root, range(2))
+        root = cases_root(args.data, Path(tmp))
         model, images, targets = _batch(root, args.model, args.crop, args.batch)
         old_step, new_step = model_steps(model, images, targets, stages)
 
