@@ -113,10 +113,8 @@ def _load_result(folder: Path) -> TimePoint:
     return TimePoint(findings, hu, folder)
 
 
-def _time_point(path: Path, out: Path, predictor: Any) -> TimePoint:
-    if not path.exists():
-        raise InputError(path, "does not exist")
-    folder = result_folder(path)
+def _time_point(path: Path, folder: Path | None, out: Path, predictor: Any) -> TimePoint:
+    """The exam at ``path``: its result ``folder`` when it is one, else the scan predicted into ``out``."""
     if folder is None:
         from nodulenet.predict_api import predict_scans
         from nodulenet.infer.cohort import Shard
@@ -331,14 +329,15 @@ def compare_scans(prior: str | Path, current: str | Path, out_dir: str | Path,
     for path in (prior_path, current_path):
         if not path.exists():
             raise InputError(path, "does not exist")
+    folders = [result_folder(prior_path), result_folder(current_path)]
     predictor = None
-    if result_folder(prior_path) is None or result_folder(current_path) is None:
+    if None in folders:  # a scan to predict: one model for both
         from nodulenet.predict_api import PredictOptions, Predictor
 
         predictor = Predictor(options.predict or PredictOptions())
     out = ensure_output_folder(out_dir)
-    tp_prior = _time_point(prior_path, out / "prior", predictor)
-    tp_current = _time_point(current_path, out / "current", predictor)
+    tp_prior = _time_point(prior_path, folders[0], out / "prior", predictor)
+    tp_current = _time_point(current_path, folders[1], out / "current", predictor)
     identity = _check_patient(tp_prior, tp_current, options.force)
     interval, source = _interval(tp_prior, tp_current, options.interval_days)
     comparison = compare_time_points(tp_prior, tp_current, interval, identity=identity, interval_source=source,

@@ -104,12 +104,17 @@ class MetaImageHeader:
         return self.data_file.upper() == "LOCAL"
 
     @property
+    def list_or_pattern(self) -> bool:
+        """The data are split over several files (``LIST`` or a printf-style pattern such as ``slice%03d.raw``)."""
+        name = self.data_file
+        return name.upper().startswith("LIST") or "%" in name or " " in name
+
+    @property
     def plain_file_name(self) -> bool:
         """The data are in one file named plainly beside the header (not LOCAL, a list, a pattern or a path)."""
         name = self.data_file
-        return bool(name) and not self.local and not (
-            "/" in name or "\\" in name or name in (".", "..") or name.upper().startswith("LIST") or "%" in name
-            or " " in name)
+        return bool(name) and not self.local and not self.list_or_pattern and not (
+            "/" in name or "\\" in name or name in (".", ".."))
 
 
 def parse_metaimage_header(head: bytes, path: str | Path) -> MetaImageHeader:

@@ -75,7 +75,7 @@ def _check_metaimage(path: Path) -> None:
     """Data file present and as long as DimSize x ElementType says (ITK's own error is misleading)."""
     header = parse_metaimage_header(read_head(path), path)
     fields, data_name = header.fields, header.data_file
-    if not header.local and (data_name.upper().startswith("LIST") or " " in data_name or "%" in data_name):
+    if not header.local and header.list_or_pattern:
         return  # slice lists / patterns: leave them to ITK
     data_path = path if header.local else path.parent / data_name
     if not data_path.is_file():
