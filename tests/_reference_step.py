@@ -226,7 +226,7 @@ def old_mask_loss(model: NoduleNet, x: Tensor, features, det_boxes: list[Tensor]
         gt_boxes = t.gt_boxes.float()
         if cfg.mask_train_on_gt_boxes:
             boxes = torch.cat((boxes, gt_boxes), dim=0)
-        crops = mask_crop_boxes(boxes, shape, cfg.mask_box_multiple)
+        crops = mask_crop_boxes(boxes, shape, cfg.mask_box_multiple, cfg.mask_crop_frame)
         matched, mask_targets = mask_training_targets(boxes, crops, gt_boxes, t.gt_masks, t.gt_mask_origins,
                                                       cfg.mask_match_iou)
         crops_per_image.append(crops[matched])

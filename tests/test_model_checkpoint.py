@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import pytest
@@ -16,7 +17,7 @@ from nodulenet.model import (
     tiny_config,
     to_checkpoint_dict,
 )
-from nodulenet.model.checkpoint import CHECKPOINT_FORMAT_VERSION
+from nodulenet.model.checkpoint import CHECKPOINT_FORMAT_VERSION, imported_published_config
 
 # Shapes of the three unused layers of the published MaskHead (its __init__: up1 = Upsample + Conv3d(128, 64, 3) +
 # InstanceNorm3d(64, affine) + ReLU; back1 = Conv3d(128, 64, 3) + InstanceNorm3d(64, affine) + ReLU;
@@ -128,7 +129,11 @@ def test_own_format_round_trip_through_torch_save() -> None:
 
 def test_model_from_published_dict_uses_the_published_config(published_model: NoduleNet) -> None:
     loaded = model_from_checkpoint_dict(published_checkpoint(published_model))
-    assert loaded.config == NoduleNetConfig()
+    # The published network and post-processing: our defaults but for the published mask crops, no RPN caps, pad -1
+    # (tests/test_published_detections.py: why, and that the detections then equal the published code's).
+    assert loaded.config == imported_published_config() == dataclasses.replace(
+        NoduleNetConfig(), mask_crop_frame="published", rpn_test_pre_nms_top_n=None, rpn_test_post_nms_top_n=None,
+        pad_value=-1.0)
     assert loaded.import_report is not None and loaded.import_report.epoch == 200
 
 
@@ -144,6 +149,7 @@ def test_import_checkpoint_command_writes_a_loadable_model(published_model: Nodu
     assert res.returncode == 0, res.stderr
     assert "dropped 10 unused published keys" in res.stdout
     loaded = model_from_checkpoint_dict(torch.load(out, map_location="cpu", weights_only=True))
+    assert loaded.config == imported_published_config()
     for name, tensor in published_model.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[name], tensor), name
     # a file that is not a checkpoint: one line naming it, no traceback

@@ -100,12 +100,13 @@ def import_checkpoint_cmd(
     an error naming it. ``predict --weights`` also takes the published file directly.
     """
     from nodulenet.errors import InputError
-    from nodulenet.model import NoduleNet, published_config, to_checkpoint_dict
-    from nodulenet.model.checkpoint import CheckpointMismatchError, import_published_state_dict
+    from nodulenet.model import NoduleNet, to_checkpoint_dict
+    from nodulenet.model.checkpoint import (CheckpointMismatchError, import_published_state_dict,
+                                            imported_published_config)
     from nodulenet.train.checkpoint_files import load_checkpoint, save_checkpoint
 
     obj = load_checkpoint(checkpoint)
-    config = published_config()
+    config = imported_published_config()
     try:
         state_dict, report = import_published_state_dict(obj, config)
     except CheckpointMismatchError as err:

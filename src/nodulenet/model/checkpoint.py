@@ -19,6 +19,7 @@ Our format (:func:`to_checkpoint_dict`)::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -36,6 +37,8 @@ CHECKPOINT_FORMAT = "nodulenet-checkpoint"
 CHECKPOINT_FORMAT_VERSION = 1
 # Layers defined by the published MaskHead but never called in its forward.
 PUBLISHED_DEAD_PREFIXES: tuple[str, ...] = ("mask_head.up1.", "mask_head.back1.", "mask_head.logits2.")
+# The published eval pads its scans with raw 0 (utils.util.pad2factor), i.e. (0 - 128) / 128 for the network.
+PUBLISHED_EVAL_PAD_VALUE = -1.0
 _PREFIXES_TO_STRIP: tuple[str, ...] = ("module.",)
 _MAX_LISTED = 20
 
@@ -138,6 +141,20 @@ def _match_state_dict(
     return out, filled, converted
 
 
+def imported_published_config() -> NoduleNetConfig:
+    """The configuration an imported published checkpoint runs with: the published network and its test-time
+    post-processing (``tests/test_published_detections.py`` checks that ``predict`` then gives the published code's
+    proposals, detections, scores, mask crops, masks and mask NMS on a fixed input).
+
+    Three settings differ from :class:`NoduleNetConfig`'s defaults, which our own models keep: the published mask
+    crops (``mask_crop_frame="published"``: its mask head was trained on them); no RPN top-n caps at test time (the
+    published ``rpn_nms`` keeps every box above 0.5 through NMS; our caps of 6,000 / 1,000 bound the cost on
+    uncertain models); and the pad value of the published eval, which pads a scan's far ends to a multiple of 16
+    with raw 0 (``pad2factor``'s default; -1.0 after ``(raw - 128) / 128``), not the 170 of its training crops."""
+    return dataclasses.replace(NoduleNetConfig(), mask_crop_frame="published", rpn_test_pre_nms_top_n=None,
+                               rpn_test_post_nms_top_n=None, pad_value=PUBLISHED_EVAL_PAD_VALUE)
+
+
 def import_published_state_dict(
     obj: Mapping[str, Any], config: NoduleNetConfig | None = None
 ) -> tuple[dict[str, Tensor], ImportReport]:
@@ -227,7 +244,7 @@ def model_from_checkpoint_dict(d: Mapping[str, Any]) -> LoadedCheckpoint:
 
     if is_published_checkpoint(d):
         state_dict, report = import_published_state_dict(d)
-        config = NoduleNetConfig()
+        config = imported_published_config()
         model = NoduleNet(config)
         model.load_state_dict(state_dict)
         return LoadedCheckpoint(model=model, config=config, extra={}, import_report=report)

@@ -99,6 +99,11 @@ class NoduleNetConfig:
     # ---- mask head ----
     mask_channels: int = 64
     mask_box_multiple: int = 4  # crop boxes are extended outwards to multiples of this (published ext2factor(4))
+    # Which voxels a detection's mask crop covers (mask_head.mask_crop_boxes): "voxel_corner" (default, how the
+    # models trained here learned) takes every voxel the box touches; "published" is the published formula (index
+    # frame, int truncation, ext2factor), one 4-voxel block smaller at an end for most boxes. Imported published
+    # checkpoints get "published": their mask head was trained on those crops.
+    mask_crop_frame: str = "voxel_corner"
     mask_test_nms_iou: float | None = 0.3  # mask-IoU NMS of final detections in eval/predict; None disables
     # Masks for at most this many best detections per image in eval/predict (None: all, as published). A mask
     # costs ~0.1-2 s of CPU per detection (crop size dependent) and the published test threshold 0.0 keeps
@@ -137,6 +142,8 @@ class NoduleNetConfig:
             problems.append("num_classes must be 2 (background, nodule)")
         if self.rcnn_crop_frame not in ("published", "voxel_corner"):
             problems.append("rcnn_crop_frame must be 'published' or 'voxel_corner'")
+        if self.mask_crop_frame not in ("published", "voxel_corner"):
+            problems.append("mask_crop_frame must be 'published' or 'voxel_corner'")
         if len(self.box_reg_weights) != 6:
             problems.append("box_reg_weights needs 6 entries (z, y, x, d, h, w)")
         if self.fpn:

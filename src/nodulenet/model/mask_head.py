@@ -20,15 +20,28 @@ from torch import Tensor, nn
 from .box_ops import box_iou_3d
 
 
-def mask_crop_boxes(boxes: Tensor, image_shape_zyx: tuple[int, int, int], multiple: int = 4) -> Tensor:
+def mask_crop_boxes(
+    boxes: Tensor, image_shape_zyx: tuple[int, int, int], multiple: int = 4, frame: str = "voxel_corner"
+) -> Tensor:
     """Integer ``[N, 6]`` crop boxes: ``boxes`` extended outwards to multiples of ``multiple``, clipped to the image.
 
+    ``frame="voxel_corner"``: every voxel the box touches (``floor(z0) .. ceil(z1)``), then out to multiples.
+    ``frame="published"``: the published crop (``center_box_to_coord_box``, ``astype(int32)``, ``ext2factor``) on
+    the box in the voxel-INDEX frame (our coordinates minus 0.5): ``trunc(c -+ d/2)``, start floored and end
+    ceiled to multiples. It leaves out a voxel the box covers less than half of at the end, so for most boxes
+    one end is a block of ``multiple`` short of the corner-frame crop; published weights learned on it.
     Image sizes are multiples of 16 inside the network, so the clipped boxes stay multiples of ``multiple``.
     A box that clips to nothing (fully outside) becomes the ``multiple``-cube at the nearest image corner.
     """
+    if frame not in ("published", "voxel_corner"):
+        raise ValueError(f"frame must be 'published' or 'voxel_corner', got {frame!r}")
     sizes = torch.tensor(image_shape_zyx, device=boxes.device, dtype=torch.long)
-    start = torch.div(torch.floor(boxes[:, :3].float()).long(), multiple, rounding_mode="floor") * multiple
-    end = -torch.div(-torch.ceil(boxes[:, 3:].float()).long(), multiple, rounding_mode="floor") * multiple
+    lo, hi = boxes[:, :3].float(), boxes[:, 3:].float()
+    if frame == "published":
+        centre, half = (lo + hi) / 2 - 0.5, (hi - lo) / 2
+        lo, hi = torch.trunc(centre - half), torch.trunc(centre + half)
+    start = torch.div(torch.floor(lo).long(), multiple, rounding_mode="floor") * multiple
+    end = -torch.div(-torch.ceil(hi).long(), multiple, rounding_mode="floor") * multiple
     start = torch.minimum(torch.clamp(start, min=0), sizes - multiple)
     end = torch.maximum(torch.minimum(end, sizes), start + multiple)
     return torch.cat((start, end), dim=1)
@@ -186,9 +199,9 @@ def mask_nms(mask_probs: list[Tensor], crop_boxes: Tensor, iou_threshold: float,
     """Indices (in input order, which must be by decreasing score) of masks kept by greedy mask-IoU suppression.
 
     A later mask is dropped when its binary mask (``prob > threshold``) overlaps an earlier KEPT mask with IoU above
-    ``iou_threshold``. (The published loop compares against every earlier visited mask, kept or not; comparing
-    against kept ones is the usual NMS definition and differs only in chains of overlaps.) Only pairs whose crop
-    boxes intersect can overlap, so those are found first with one box-IoU matrix.
+    ``iou_threshold`` - the published ``mask_nms`` (it skips a suppressed mask and lets each kept one suppress the
+    later ones; ``tests/test_published_detections.py`` compares the two). Only pairs whose crop boxes intersect
+    can overlap, so those are found first with one box-IoU matrix.
     """
     n = len(mask_probs)
     if n == 0:

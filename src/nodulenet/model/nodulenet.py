@@ -422,7 +422,7 @@ class NoduleNet(nn.Module):
             if boxes.shape[0] and gt_boxes.shape[0]:
                 best_iou, best_gt = box_iou_3d(boxes, gt_boxes).max(dim=1)
                 matched = best_iou >= cfg.mask_match_iou
-                crops.append(mask_crop_boxes(boxes, shape, cfg.mask_box_multiple)[matched])
+                crops.append(mask_crop_boxes(boxes, shape, cfg.mask_box_multiple, cfg.mask_crop_frame)[matched])
                 images.append(torch.full((boxes.shape[0],), b, device=x.device)[matched])
                 nodules.append(best_gt[matched] + len(masks))
             masks += list(t.gt_masks)
@@ -459,7 +459,8 @@ class NoduleNet(nn.Module):
                 if mask_min_score is not None:
                     n = min(n, int((scores >= mask_min_score).sum()))
                 counts.append(n)
-            crops = [mask_crop_boxes(b[:n], shape, cfg.mask_box_multiple) for (b, _), n in zip(dets, counts)]
+            crops = [mask_crop_boxes(b[:n], shape, cfg.mask_box_multiple, cfg.mask_crop_frame)
+                     for (b, _), n in zip(dets, counts)]
             with torch.no_grad():
                 probs = [torch.sigmoid(m.float()) for m in self._run_mask_head(x, features, crops)]
             start = 0
