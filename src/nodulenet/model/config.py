@@ -40,7 +40,8 @@ class NoduleNetConfig:
     Thresholds named ``*_iou`` are 3-D box IoUs; ``*_score_threshold`` are probabilities (sigmoid for the RPN,
     softmax foreground for the RCNN). ``*_top_n`` caps are not in the published code (it keeps every box above the
     score threshold); they bound the cost of NMS on an untrained or badly calibrated model and rarely bind with
-    trained weights (``None`` disables a cap).
+    trained weights (``None`` disables a cap; imported published checkpoints run without the test-time ones,
+    see ``checkpoint.imported_published_config``).
     """
 
     # ---- input ----

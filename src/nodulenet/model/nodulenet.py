@@ -23,7 +23,8 @@ Modes (``forward(images, targets, mode, stages)``)
 Post-processing (published): RPN sigmoid > 0.5 -> decode -> centre clamp -> NMS 0.1 -> proposals; RCNN softmax
 on proposals cropped from the encoder map -> decode -> NMS 0.1 -> detections; mask head on the detections, mask
 IoU NMS 0.3 (eval/predict). Masks stay crop-local (``Detections.masks[i]`` covers ``Detections.mask_boxes[i]``).
-Not published: RPN pre/post-NMS top-n caps and ``mask_max_detections`` (config), which bound the cost.
+Not published: RPN pre/post-NMS top-n caps and ``mask_max_detections`` (config), which bound the cost; imported
+published checkpoints run without them and with the published mask crops (``checkpoint.imported_published_config``).
 
 Mask-stage training (deviation, see ``config.mask_train_on_gt_boxes``): the mask head learns on the train-mode
 detections AND the ground-truth boxes - as the RCNN stage appends ground truth to its proposals - so it gets a
