@@ -155,30 +155,28 @@ def mask_crop_boxes(detections: np.ndarray, shape: tuple[int, int, int]) -> np.n
     return np.clip(boxes, 0, upper)
 
 
-def _norm_relu(sd: dict, prefix: str, x: torch.Tensor) -> torch.Tensor:
-    return F.relu(F.instance_norm(x, weight=sd[prefix + ".weight"], bias=sd[prefix + ".bias"], eps=1e-5))
+def _conv_norm_relu(sd: dict, block: str, conv: int, x: torch.Tensor) -> torch.Tensor:
+    """A published ``Sequential`` of Conv3d(3, padding 1) at index ``conv``, InstanceNorm3d(affine) after it, ReLU."""
+    weight, bias = sd[f"mask_head.{block}.{conv}.weight"], sd[f"mask_head.{block}.{conv}.bias"]
+    x = F.conv3d(x, weight, bias, padding=1)
+    norm = f"mask_head.{block}.{conv + 1}"
+    return F.relu(F.instance_norm(x, weight=sd[norm + ".weight"], bias=sd[norm + ".bias"], eps=1e-5))
 
 
 def mask_head(sd: dict, image: torch.Tensor, out1: torch.Tensor, comb2: torch.Tensor,
               crop_boxes: np.ndarray) -> list[torch.Tensor]:
-    """Published MaskHead.forward, one detection at a time -> crop-local logits (what crop_mask_regions returns)."""
+    """Published MaskHead.forward, one detection at a time -> crop-local logits (what crop_mask_regions returns).
+    ``up2``/``up3`` are Upsample(2, trilinear), Conv3d, InstanceNorm3d, ReLU; ``back2``/``back3`` Conv3d,
+    InstanceNorm3d, ReLU on the concatenation with the out1 / image crop."""
     out = []
     for z0, y0, x0, z1, y1, x1 in crop_boxes.tolist():
         f4 = comb2[:, :, z0 // 4 : z1 // 4, y0 // 4 : y1 // 4, x0 // 4 : x1 // 4]
         f2 = out1[:, :, z0 // 2 : z1 // 2, y0 // 2 : y1 // 2, x0 // 2 : x1 // 2]
         im = image[:, :, z0:z1, y0:y1, x0:x1]
-        up = F.interpolate(f4, scale_factor=2, mode="trilinear", align_corners=False)
-        up = _norm_relu(sd, "mask_head.up2.2", F.conv3d(up, sd["mask_head.up2.1.weight"], sd["mask_head.up2.1.bias"],
-                                                       padding=1))
-        up = torch.cat((up, f2), 1)
-        up = _norm_relu(sd, "mask_head.back2.1", F.conv3d(up, sd["mask_head.back2.0.weight"],
-                                                         sd["mask_head.back2.0.bias"], padding=1))
-        up = F.interpolate(up, scale_factor=2, mode="trilinear", align_corners=False)
-        up = _norm_relu(sd, "mask_head.up3.2", F.conv3d(up, sd["mask_head.up3.1.weight"], sd["mask_head.up3.1.bias"],
-                                                       padding=1))
-        up = torch.cat((up, im), 1)
-        up = _norm_relu(sd, "mask_head.back3.1", F.conv3d(up, sd["mask_head.back3.0.weight"],
-                                                         sd["mask_head.back3.0.bias"], padding=1))
+        up = _conv_norm_relu(sd, "up2", 1, F.interpolate(f4, scale_factor=2, mode="trilinear", align_corners=False))
+        up = _conv_norm_relu(sd, "back2", 0, torch.cat((up, f2), 1))
+        up = _conv_norm_relu(sd, "up3", 1, F.interpolate(up, scale_factor=2, mode="trilinear", align_corners=False))
+        up = _conv_norm_relu(sd, "back3", 0, torch.cat((up, im), 1))
         out.append(F.conv3d(up, sd["mask_head.logits1.weight"], sd["mask_head.logits1.bias"])[0, 0])
     return out
 
