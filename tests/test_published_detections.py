@@ -20,8 +20,10 @@ raw published-format ``state_dict`` (published key names, not our modules), in n
   ``InstanceNorm3d(affine)``), ``mask_nms`` (``net/layer/mask_nms.py``: masks ``sigmoid > 0.5`` in the full volume,
   a mask is dropped when its IoU with an earlier kept one is > 0.3).
 
-The backbone is ours (its equality with the published one is checked in test_model_checkpoint.py). Our side is the
-plain ``NoduleNet.predict`` of the model ``model_from_checkpoint_dict`` builds from the published-format dict.
+For sizes that are not multiples of 16, the published eval's ``pad2factor`` (raw 0 at the far ends) comes first and
+the clipping uses the padded size. The backbone features are ours (the importer maps its weights one to one,
+test_model_checkpoint.py; issue 20 records them identical to the published code's). Our side is the plain
+``NoduleNet.predict`` of the model ``model_from_checkpoint_dict`` builds from the published-format dict.
 """
 
 from __future__ import annotations
