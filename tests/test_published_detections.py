@@ -1,6 +1,6 @@
 """Whole detections of an imported published-format checkpoint equal the published code's (issue 20).
 
-The reference below re-implements, from reading uci-cbcl/NoduleNet, its test-time path after the backbone, on the
+The reference below re-implements, from reading uci-cbcl/NoduleNet, its whole test-time path, on the
 raw published-format ``state_dict`` (published key names, not our modules), in numpy/torch with the published dtypes:
 
 * ``RpnHead.forward`` (1x1 convs, its channel-to-anchor reshape) and ``make_rpn_windows`` (index-frame anchor
@@ -21,9 +21,10 @@ raw published-format ``state_dict`` (published key names, not our modules), in n
   a mask is dropped when its IoU with an earlier kept one is > 0.3).
 
 For sizes that are not multiples of 16, the published eval's ``pad2factor`` (raw 0 at the far ends) comes first and
-the clipping uses the padded size. The backbone features are ours (the importer maps its weights one to one,
-test_model_checkpoint.py; issue 20 records them identical to the published code's). Our side is the plain
-``NoduleNet.predict`` of the model ``model_from_checkpoint_dict`` builds from the published-format dict.
+the clipping uses the padded size. The backbone is re-implemented too (``FeatureNet.forward``: ``preBlock``, ``ResBlock3d`` stages ``forw1..4``
+with 2x max pooling, ``path1``/``path2`` transposed convolutions into ``back3``/``back2``, BatchNorm in eval mode).
+Our side is the plain ``NoduleNet.predict`` of the model ``model_from_checkpoint_dict`` builds from the
+published-format dict.
 """
 
 from __future__ import annotations
@@ -52,6 +53,43 @@ INPUT_SHAPE = (48, 64, 80)  # multiples of 16, as the published eval pads its in
 
 
 # ---------------------------------------------------------------------------------------------- the reference
+def _bn(sd: dict, name: str, x: torch.Tensor) -> torch.Tensor:
+    return F.batch_norm(x, sd[name + ".running_mean"], sd[name + ".running_var"], sd[name + ".weight"],
+                        sd[name + ".bias"], training=False, eps=1e-5)
+
+
+def _res_blocks(sd: dict, stage: str, x: torch.Tensor) -> torch.Tensor:
+    """The published ``ResBlock3d``s (stride 1) of ``feature_net.<stage>``, in order."""
+    i = 0
+    while f"feature_net.{stage}.{i}.conv1.weight" in sd:
+        p = f"feature_net.{stage}.{i}"
+        out = F.relu(_bn(sd, p + ".bn1", F.conv3d(x, sd[p + ".conv1.weight"], sd[p + ".conv1.bias"], padding=1)))
+        out = _bn(sd, p + ".bn2", F.conv3d(out, sd[p + ".conv2.weight"], sd[p + ".conv2.bias"], padding=1))
+        if p + ".shortcut.0.weight" in sd:
+            x = _bn(sd, p + ".shortcut.1", F.conv3d(x, sd[p + ".shortcut.0.weight"], sd[p + ".shortcut.0.bias"]))
+        x, i = F.relu(out + x), i + 1
+    return x
+
+
+def _up(sd: dict, path: str, x: torch.Tensor) -> torch.Tensor:
+    p = f"feature_net.{path}"
+    return F.relu(_bn(sd, p + ".1", F.conv_transpose3d(x, sd[p + ".0.weight"], sd[p + ".0.bias"], stride=2)))
+
+
+def feature_net(sd: dict, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Published FeatureNet.forward (eval BatchNorm) -> (out1, out2, comb2)."""
+    p = "feature_net.preBlock"
+    out = F.relu(_bn(sd, p + ".1", F.conv3d(x, sd[p + ".0.weight"], sd[p + ".0.bias"], stride=2, padding=1)))
+    out = F.relu(_bn(sd, p + ".4", F.conv3d(out, sd[p + ".3.weight"], sd[p + ".3.bias"], padding=1)))
+    out1 = _res_blocks(sd, "forw1", out)
+    out2 = _res_blocks(sd, "forw2", F.max_pool3d(out1, 2, 2))
+    out3 = _res_blocks(sd, "forw3", F.max_pool3d(out2, 2, 2))
+    out4 = _res_blocks(sd, "forw4", F.max_pool3d(out3, 2, 2))
+    comb3 = _res_blocks(sd, "back3", torch.cat((_up(sd, "path1", out4), out3), 1))
+    comb2 = _res_blocks(sd, "back2", torch.cat((_up(sd, "path2", comb3), out2), 1))
+    return out1, out2, comb2
+
+
 def make_rpn_windows(feature_shape: tuple[int, int, int]) -> np.ndarray:
     offset = (STRIDE - 1) / 2
     axes = [offset + STRIDE * np.arange(n, dtype=np.float64) for n in feature_shape]
@@ -257,16 +295,16 @@ def run() -> dict:
     ours = model.predict(x)[0]
     ours_no_mask = model.predict(x, stages=("rpn", "rcnn"))[0]
     with torch.no_grad():
-        f = model.feature_net(x)  # the backbone is shared; everything after it is the reference's own
-        logits, _ = rpn_head(sd, f.comb2)
+        out1, out2, comb2 = feature_net(sd, x)
+        logits, _ = rpn_head(sd, comb2)
         candidates = int((torch.sigmoid(torch.from_numpy(logits)) > RPN_TEST_PRE_SCORE).sum())
-        proposals = rpn_nms(sd, f.comb2, INPUT_SHAPE)
-        rcnn_logits, rcnn_deltas = rcnn_head(sd, crop_roi(f.out2, proposals, INPUT_SHAPE))
+        proposals = rpn_nms(sd, comb2, INPUT_SHAPE)
+        rcnn_logits, rcnn_deltas = rcnn_head(sd, crop_roi(out2, proposals, INPUT_SHAPE))
         detections, proposal_probs = rcnn_nms(proposals, rcnn_logits, rcnn_deltas, INPUT_SHAPE)
         crop_boxes = mask_crop_boxes(detections, INPUT_SHAPE)
-        mask_logits = mask_head(sd, x, f.out1, f.comb2, crop_boxes)
+        mask_logits = mask_head(sd, x, out1, comb2, crop_boxes)
     keep = mask_nms(mask_logits, crop_boxes, INPUT_SHAPE)
-    return {"model": model, "sd": sd, "config": loaded.config, "comb2": f.comb2, "ours": ours, "ours_no_mask": ours_no_mask, "candidates": candidates,
+    return {"model": model, "sd": sd, "config": loaded.config, "comb2": comb2, "ours": ours, "ours_no_mask": ours_no_mask, "candidates": candidates,
             "proposals": proposals, "proposal_probs": proposal_probs, "detections": detections,
             "crop_boxes": crop_boxes, "mask_logits": mask_logits, "keep": keep}
 
@@ -342,7 +380,7 @@ def test_no_proposal_caps_for_imported_checkpoints(run: dict) -> None:
     sd = {k[len("module."):]: v for k, v in ckpt["state_dict"].items()}
     x = torch.randn(1, 1, *INPUT_SHAPE, generator=torch.Generator().manual_seed(3))
     ours = model.predict(x, stages=("rpn",))[0]
-    with torch.no_grad():  # the backbone weights are those of the module's checkpoint: its comb2
+    with torch.no_grad():  # the backbone weights are those of the module's checkpoint: the same comb2
         logits, _ = rpn_head(sd, run["comb2"])
         ref = rpn_nms(sd, run["comb2"], INPUT_SHAPE)
     default = NoduleNetConfig()
@@ -374,9 +412,9 @@ def test_inputs_that_are_not_multiples_of_16(run: dict) -> None:
     ours = model.predict(x, stages=("rpn", "rcnn"))[0]
     padded = F.pad(x, (0, 4, 0, 4, 0, 4), value=-1.0)  # pad2factor(image, 16, pad_value=0), then (raw - 128) / 128
     with torch.no_grad():
-        f = model.feature_net(padded)
-        proposals = rpn_nms(sd, f.comb2, INPUT_SHAPE)
-        logits, deltas = rcnn_head(sd, crop_roi(f.out2, proposals, INPUT_SHAPE))
+        _, out2, comb2 = feature_net(sd, padded)
+        proposals = rpn_nms(sd, comb2, INPUT_SHAPE)
+        logits, deltas = rcnn_head(sd, crop_roi(out2, proposals, INPUT_SHAPE))
         ref, _ = rcnn_nms(proposals, logits, deltas, INPUT_SHAPE)
     on_scan = (ref[:, 1:4] <= np.array(shape) - 1).all(axis=1)
     assert on_scan.sum() >= 5 and (~on_scan).sum() >= 5
