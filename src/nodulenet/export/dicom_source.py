@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -109,6 +110,15 @@ def read_source_headers(hu: Volume, what: str = "DICOM export") -> list[Dataset]
                                    f"{ds.get('SOPInstanceUID')} != {uid})")
         headers.append(ds)
     return headers
+
+
+def new_instance_attributes(series_number: int) -> dict[str, Any]:
+    """The highdicom keyword arguments every exported object shares: a new series and SOP instance UID
+    (instance 1 of its own series ``series_number``) and this project as the manufacturer."""
+    import highdicom as hd  # the writers' dependency: not needed to decide "skipped"
+
+    return {"series_instance_uid": hd.UID(), "series_number": series_number, "sop_instance_uid": hd.UID(),
+            "instance_number": 1, "manufacturer": MANUFACTURER}
 
 
 def save_dataset(dataset: Dataset, path: str | Path) -> Path:
