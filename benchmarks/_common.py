@@ -7,6 +7,7 @@ on a shared machine, wall seconds the one a user waits.
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import time
@@ -36,3 +37,21 @@ def median_seconds(fn: Callable[[], T], repeats: int) -> tuple[float, float, T]:
         walls.append(time.perf_counter() - t0)
         cpus.append(time.process_time() - c0)
     return statistics.median(walls), statistics.median(cpus), value
+
+
+def add_heldout_phantom_arguments(parser: argparse.ArgumentParser, *, first_seed: int, name: str,
+                                  weights_help: str, out_help: str) -> None:
+    """The arguments of a run on held-out phantoms: ``--n`` phantoms from seed ``--first-seed`` (see
+    :func:`heldout_seeds`), the model ``--weights``, a folder ``--out`` to keep, ``--threads`` and the name of
+    the JSON record ``--name``."""
+    parser.add_argument("--n", type=int, default=10, help="number of held-out phantoms")
+    parser.add_argument("--first-seed", type=int, default=first_seed)
+    parser.add_argument("--weights", type=Path, default=None, help=weights_help)
+    parser.add_argument("--out", type=Path, default=None, help=out_help)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--name", default=name, help="name of the JSON record")
+
+
+def heldout_seeds(args: argparse.Namespace) -> list[int]:
+    """The phantom seeds of :func:`add_heldout_phantom_arguments`: ``--first-seed`` and the ``--n - 1`` after it."""
+    return list(range(args.first_seed, args.first_seed + args.n))
