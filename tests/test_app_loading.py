@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from pydicom.uid import CTImageStorage, generate_uid
 
-from _xvfb import qt_application, wait_until
+from _xvfb import app, wait_until  # noqa: F401 (the app fixture)
 from nodulenet.io.dicom_write import new_file_dataset
 
 pytestmark = pytest.mark.timeout(300)
@@ -54,11 +54,6 @@ def write_ct_series(folder: Path, n_slices: int, size: int, description: str) ->
         ds.PixelData = np.full((size, size), k * 10 + 24, dtype=np.int16).tobytes()
         ds.save_as(path, enforce_file_format=True)
     return series_uid
-
-
-@pytest.fixture(scope="module")
-def app():
-    return qt_application()
 
 
 @pytest.fixture
