@@ -30,7 +30,7 @@ from nodulenet.export.dicom_source import (
     ExportSkipped,
     algorithm_version,
     labels_on_source_slices,
-    new_instance_attributes,
+    new_series_attributes,
     read_source_headers,
     require_dicom_source,
     save_dataset,
@@ -92,13 +92,12 @@ def build_dicom_seg(findings: ScanFindings, label_array: np.ndarray, source_head
         pixel_array=label_array,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=_segment_descriptions(findings),
-        **new_instance_attributes(SEG_SERIES_NUMBER),
+        **new_series_attributes(SEG_SERIES_NUMBER, SEG_SERIES_DESCRIPTION),
         manufacturer_model_name=MODEL_NAME,
         software_versions=findings.nodulenet_version,
         device_serial_number=(findings.model.weights_sha256 or "unknown")[:16],
         content_label="NODULES",
         content_description="NoduleNet lung nodules - research software, not for diagnosis",
-        series_description=SEG_SERIES_DESCRIPTION,
         omit_empty_frames=True,
     )
 

@@ -112,13 +112,13 @@ def read_source_headers(hu: Volume, what: str = "DICOM export") -> list[Dataset]
     return headers
 
 
-def new_instance_attributes(series_number: int) -> dict[str, Any]:
-    """The highdicom keyword arguments every exported object shares: a new series and SOP instance UID
-    (instance 1 of its own series ``series_number``) and this project as the manufacturer."""
+def new_series_attributes(series_number: int, series_description: str) -> dict[str, Any]:
+    """The highdicom keyword arguments every exported object shares: it is instance 1 of a new series
+    (new series and SOP instance UIDs, the series' number and description), made by this project."""
     import highdicom as hd  # the writers' dependency: not needed to decide "skipped"
 
-    return {"series_instance_uid": hd.UID(), "series_number": series_number, "sop_instance_uid": hd.UID(),
-            "instance_number": 1, "manufacturer": MANUFACTURER}
+    return {"series_instance_uid": hd.UID(), "series_number": series_number, "series_description": series_description,
+            "sop_instance_uid": hd.UID(), "instance_number": 1, "manufacturer": MANUFACTURER}
 
 
 def save_dataset(dataset: Dataset, path: str | Path) -> Path:
