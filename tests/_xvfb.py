@@ -7,7 +7,8 @@ children (offscreen Qt with an embedded VTK widget does not work, see ENVIRONMEN
 One Xvfb and one QApplication per test process (Qt allows one application per process, and several test
 modules use it): :func:`qt_application` starts them on first use. Windows are closed by the tests' fixtures;
 the application goes with the process as in any PySide program. A test module of the viewer imports the
-module-scoped fixture ``app`` (``from _xvfb import app``) for that application. Xvfb is stopped by the kernel the moment the
+module-scoped fixture ``app`` for that application by its function name (``from _xvfb import qt_app_fixture``),
+so that the tests' ``app`` parameters do not shadow the import. Xvfb is stopped by the kernel the moment the
 test process ends, however it ends (``PR_SET_PDEATHSIG``), and never before: killing it while Qt or VTK still
 holds an X connection makes Xlib end the process with status 1, and pytest's exit status would be lost. Tests skip with the reason when Xvfb, PySide6 or VTK
 is missing.
@@ -89,8 +90,8 @@ def qt_application() -> Any:
     return _STATE["app"]
 
 
-@pytest.fixture(scope="module")
-def app() -> Any:
+@pytest.fixture(scope="module", name="app")
+def qt_app_fixture() -> Any:
     """The QApplication (:func:`qt_application`) for the tests of a module that imports this fixture."""
     return qt_application()
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from pydicom.uid import CTImageStorage, generate_uid
 
-from _xvfb import app, wait_until  # noqa: F401 (the app fixture)
+from _xvfb import qt_app_fixture, wait_until  # noqa: F401
 from nodulenet.io.dicom_write import new_file_dataset
 
 pytestmark = pytest.mark.timeout(300)

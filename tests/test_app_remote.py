@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from _xvfb import app, wait_until  # noqa: F401 (the app fixture)
+from _xvfb import qt_app_fixture, wait_until  # noqa: F401
 from nodulenet.io.findings import read_findings_json
 from nodulenet.preprocess.phantom import PhantomConfig, write_phantom
 

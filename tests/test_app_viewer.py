@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from _xvfb import app, wait_until  # noqa: F401 (the app fixture)
+from _xvfb import qt_app_fixture, wait_until  # noqa: F401
 from nodulenet.infer.cohort import Shard
 from nodulenet.io.findings import read_findings_json
 from nodulenet.predict_api import PredictOptions, predict_scans

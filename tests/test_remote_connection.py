@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from _sshd import generate_key, isolated_home, known_hosts_line, server  # noqa: F401 (pytest fixtures)
+from _sshd import generate_key, isolated_home_fixture, known_hosts_line, sshd_server_fixture  # noqa: F401
 from nodulenet.errors import InputError
 from nodulenet.remote.connection import (AuthError, HostKeyError, RemoteError, connect, default_known_hosts,
                                          parse_target)

@@ -19,7 +19,7 @@ import numpy as np
 import psutil
 import pytest
 
-from _sshd import isolated_home, running_sshd, server  # noqa: F401 (pytest fixtures)
+from _sshd import isolated_home_fixture, running_sshd, sshd_server_fixture  # noqa: F401
 from nodulenet.infer.cohort import Shard
 from nodulenet.io.findings import ScanFindings
 from nodulenet.io.image_files import read_image
