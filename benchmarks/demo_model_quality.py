@@ -19,17 +19,15 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import add_heldout_phantom_arguments, heldout_seeds  # noqa: E402
 from _record import record  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=10, help="number of held-out phantoms")
-    parser.add_argument("--first-seed", type=int, default=1000)
-    parser.add_argument("--weights", type=Path, default=None, help="model (default: the shipped demo model)")
-    parser.add_argument("--out", type=Path, default=None, help="keep every file here (default: a temp folder)")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--name", default="demo_model_quality", help="name of the JSON record")
+    add_heldout_phantom_arguments(parser, first_seed=1000, name="demo_model_quality",
+                                  weights_help="model (default: the shipped demo model)",
+                                  out_help="keep every file here (default: a temp folder)")
     parser.add_argument("--ground-glass", default="classic", choices=("classic", "varied"),
                         help="phantom ground-glass nodules: classic (the reference set) or varied (as real ones)")
     parser.add_argument("--precisions", nargs="+", default=None, metavar="P",
@@ -42,7 +40,7 @@ def main() -> None:
 
     from nodulenet.heldout import evaluate_on_heldout_phantoms
 
-    seeds = list(range(args.first_seed, args.first_seed + args.n))
+    seeds = heldout_seeds(args)
     with tempfile.TemporaryDirectory(prefix="nodulenet-heldout-") as tmp:
         out = args.out or Path(tmp)
         start = time.perf_counter()
@@ -66,7 +64,7 @@ def compare_precisions(args: argparse.Namespace) -> None:
     """CPM of each precision on the same held-out phantoms, side by side (``--precisions fp32 bf16``)."""
     from nodulenet.heldout import evaluate_on_heldout_phantoms
 
-    seeds = list(range(args.first_seed, args.first_seed + args.n))
+    seeds = heldout_seeds(args)
     results = {}
     with tempfile.TemporaryDirectory(prefix="nodulenet-heldout-") as tmp:
         for precision in args.precisions:

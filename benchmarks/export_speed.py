@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -20,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import highdicom  # noqa: E402
-import numpy as np  # noqa: E402
+from _common import lidc_series, median_seconds  # noqa: E402
+from _masks import sphere_mask  # noqa: E402
 from _record import peak_rss_mib, record  # noqa: E402
 
 from nodulenet.export.api import export_all  # noqa: E402
@@ -33,38 +34,10 @@ from nodulenet.export.measurements import finding_from_mask  # noqa: E402
 from nodulenet.export.report import write_report  # noqa: E402
 from nodulenet.export.tables import write_candidates_csv, write_nodules_json  # noqa: E402
 from nodulenet.io.dicom import read_dicom_series  # noqa: E402
-from nodulenet.io.findings import ModelInfo, NoduleMask, ScanFindings, ScanSource  # noqa: E402
-from nodulenet.io.volume import Volume  # noqa: E402
+from nodulenet.io.findings import ModelInfo, ScanFindings, ScanSource  # noqa: E402
 
-DATA = Path(os.environ.get("NODULENET_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 LUNA_NODULE_WORLD = (56.21, 86.34, -115.87)
 LUNA_NODULE_DIAMETER_MM = 23.4
-
-
-def _series(patient: str) -> Path:
-    found = [p.parent for p in (DATA / "LIDC-IDRI" / patient).glob("*/*/*.xml")]
-    if len(found) != 1:
-        raise SystemExit(f"{patient}: expected one series folder under {DATA / 'LIDC-IDRI'}, found {found}")
-    return found[0]
-
-
-def _sphere(hu: Volume, centre_world: tuple[float, float, float], diameter_mm: float) -> NoduleMask:
-    centre = hu.world_to_voxel(centre_world)
-    spacing = np.asarray(hu.spacing_zyx)
-    half = np.ceil(diameter_mm / 2 / spacing).astype(int) + 1
-    lo = np.round(centre).astype(int) - half
-    idx = np.stack(np.meshgrid(*[np.arange(a, a + 2 * h + 1) for a, h in zip(lo, half)], indexing="ij"), -1)
-    return NoduleMask((((idx - centre) * spacing) ** 2).sum(-1) <= (diameter_mm / 2) ** 2, tuple(int(v) for v in lo))
-
-
-def _time(fn: Callable[[], Any], repeats: int) -> tuple[float, float, Any]:
-    walls, cpus, value = [], [], None
-    for _ in range(repeats):
-        t0, c0 = time.perf_counter(), time.process_time()
-        value = fn()
-        walls.append(time.perf_counter() - t0)
-        cpus.append(time.process_time() - c0)
-    return statistics.median(walls), statistics.median(cpus), value
 
 
 def main() -> None:
@@ -76,14 +49,14 @@ def main() -> None:
                                "highdicom": highdicom.__version__}
 
     t0 = time.perf_counter()
-    hu = read_dicom_series(_series("LIDC-IDRI-0001"))
+    hu = read_dicom_series(lidc_series("LIDC-IDRI-0001"))
     figures["dicom_read_s"] = round(time.perf_counter() - t0, 3)
     figures["shape_zyx"] = list(hu.shape_zyx)
     t0 = time.perf_counter()
-    findings = [finding_from_mask(1, 0.93, _sphere(hu, LUNA_NODULE_WORLD, LUNA_NODULE_DIAMETER_MM), hu)]
+    findings = [finding_from_mask(1, 0.93, sphere_mask(hu, LUNA_NODULE_WORLD, LUNA_NODULE_DIAMETER_MM), hu)]
     if not args.quick:
         second = tuple(float(v) for v in hu.voxel_to_world((60, 200, 150)))
-        findings.append(finding_from_mask(2, 0.41, _sphere(hu, second, 8.0), hu))  # type: ignore[arg-type]
+        findings.append(finding_from_mask(2, 0.41, sphere_mask(hu, second, 8.0), hu))  # type: ignore[arg-type]
     figures["measure_s_per_finding"] = round((time.perf_counter() - t0) / len(findings), 4)
     figures["num_findings"] = len(findings)
     scan = ScanFindings(ScanSource.from_volume_meta(hu.meta), hu.geometry, findings, ModelInfo(version="bench"),
@@ -104,24 +77,24 @@ def main() -> None:
             ("dicom_headers", lambda: read_source_headers(hu)),
         ]
         for name, fn in steps:
-            wall, cpu, value = _time(fn, repeats)
+            wall, cpu, value = median_seconds(fn, repeats)
             figures[f"{name}_s"], figures[f"{name}_cpu_s"] = round(wall, 4), round(cpu, 4)
             if name == "dicom_headers":
                 headers = value
-        wall, cpu, seg = _time(lambda: build_dicom_seg(scan, labels, headers), repeats)
+        wall, cpu, seg = median_seconds(lambda: build_dicom_seg(scan, labels, headers), repeats)
         figures["dicom_seg_build_s"], figures["dicom_seg_build_cpu_s"] = round(wall, 4), round(cpu, 4)
-        wall, cpu, _ = _time(lambda: save_dataset(seg, tmp / "seg.dcm"), repeats)
+        wall, cpu, _ = median_seconds(lambda: save_dataset(seg, tmp / "seg.dcm"), repeats)
         figures["dicom_seg_save_s"] = round(wall, 4)
         figures["seg_bytes"] = (tmp / "seg.dcm").stat().st_size
-        wall, cpu, sr = _time(lambda: build_dicom_sr(scan, seg, headers), repeats)
+        wall, cpu, sr = median_seconds(lambda: build_dicom_sr(scan, seg, headers), repeats)
         figures["dicom_sr_build_s"], figures["dicom_sr_build_cpu_s"] = round(wall, 4), round(cpu, 4)
-        wall, cpu, _ = _time(lambda: save_dataset(sr, tmp / "sr.dcm"), repeats)
+        wall, cpu, _ = median_seconds(lambda: save_dataset(sr, tmp / "sr.dcm"), repeats)
         figures["dicom_sr_save_s"] = round(wall, 4)
         figures["sr_bytes"] = (tmp / "sr.dcm").stat().st_size
-        wall, cpu, _ = _time(lambda: write_report(scan, hu, labels, tmp / "report.html"), repeats)
+        wall, cpu, _ = median_seconds(lambda: write_report(scan, hu, labels, tmp / "report.html"), repeats)
         figures["report_html_s"], figures["report_html_cpu_s"] = round(wall, 4), round(cpu, 4)
         figures["report_bytes"] = (tmp / "report.html").stat().st_size
-        wall, cpu, result = _time(lambda: export_all(scan, hu, tmp / "all"), repeats)
+        wall, cpu, result = median_seconds(lambda: export_all(scan, hu, tmp / "all"), repeats)
         figures["export_all_s"], figures["export_all_cpu_s"] = round(wall, 4), round(cpu, 4)
         figures["export_all_files"] = sorted(result.files)
     figures["peak_rss_mib"] = round(peak_rss_mib(), 1)

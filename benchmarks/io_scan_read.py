@@ -21,20 +21,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import lidc_series  # noqa: E402
 from _record import machine_info, peak_rss_mib, record  # noqa: E402
 
 from nodulenet.io.dicom import read_dicom_series  # noqa: E402
 from nodulenet.io.image_files import read_image, write_image  # noqa: E402
 
-DATA = Path(os.environ.get("NODULENET_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 FORMATS = [("nii.gz", None), ("nii", None), ("nrrd", None), ("mhd", False), ("mhd", True), ("mha", None)]
-
-
-def _series(patient: str) -> Path:
-    found = [p.parent for p in (DATA / "LIDC-IDRI" / patient).glob("*/*/*.xml")]
-    if len(found) != 1:
-        raise SystemExit(f"{patient}: expected one series folder under {DATA / 'LIDC-IDRI'}, found {found}")
-    return found[0]
 
 
 def main() -> None:
@@ -50,7 +43,7 @@ def main() -> None:
     patients = ["LIDC-IDRI-0001"] if args.quick else ["LIDC-IDRI-0001", "LIDC-IDRI-0002"]
     figures: dict[str, object] = {"load_average_1min_before": os.getloadavg()[0], "repeats": repeats}
     for patient in patients:
-        folder = _series(patient)
+        folder = lidc_series(patient)
         times, cpu_times = [], []
         for _ in range(repeats + 1):
             t0, c0 = time.perf_counter(), time.process_time()
@@ -98,7 +91,7 @@ def dicom_variants(repeats: int) -> None:
     import numpy as np
 
     figures: dict[str, object] = {"load_average_1min_before": os.getloadavg()[0], "repeats": repeats}
-    folder = _series("LIDC-IDRI-0001")
+    folder = lidc_series("LIDC-IDRI-0001")
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         folders = {"classic": folder, **lidc_variants(folder, Path(tmp))}

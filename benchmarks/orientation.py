@@ -13,15 +13,14 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import lidc_series, median_seconds  # noqa: E402
 from _record import peak_rss_mib, record  # noqa: E402
 
 from nodulenet.io.dicom import read_dicom_series  # noqa: E402
@@ -31,7 +30,6 @@ from nodulenet.preprocess.config import PrepareConfig  # noqa: E402
 from nodulenet.preprocess.prepare import fill_scanner_padding  # noqa: E402
 from nodulenet.preprocess.resample import resample_volume, volume_to_sitk  # noqa: E402
 
-DATA = Path(os.environ.get("NODULENET_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
 def _from_sitk(image: sitk.Image) -> Volume:
@@ -49,24 +47,11 @@ def _oblique(image: sitk.Image, degrees: float) -> sitk.Image:
                          spacing.tolist(), rotation.reshape(-1).tolist(), -1000.0, sitk.sitkInt16)
 
 
-def _timed(fn, repeats: int) -> tuple[float, float, object]:
-    walls, cpus, out = [], [], None
-    for _ in range(repeats):
-        t0, c0 = time.perf_counter(), time.process_time()
-        out = fn()
-        walls.append(time.perf_counter() - t0)
-        cpus.append(time.process_time() - c0)
-    return statistics.median(walls), statistics.median(cpus), out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    found = [p.parent for p in (DATA / "LIDC-IDRI" / "LIDC-IDRI-0001").glob("*/*/*.xml")]
-    if len(found) != 1:
-        raise SystemExit(f"LIDC-IDRI-0001: expected one series folder under {DATA / 'LIDC-IDRI'}, found {found}")
-    dicom = read_dicom_series(found[0])
+    dicom = read_dicom_series(lidc_series("LIDC-IDRI-0001"))
     image = volume_to_sitk(dicom)
     config = PrepareConfig()
     stored = {"LPS (DICOM)": dicom, **{code: _from_sitk(sitk.DICOMOrient(image, code)) for code in ("RAS", "LAS",
@@ -77,8 +62,8 @@ def main() -> None:
     print(f"{'stored as':16s} {'method':10s} {'orient s':>9s} {'cpu s':>7s} {'resample s':>11s} canonical shape")
     for name, volume in stored.items():
         filled = fill_scanner_padding(volume, config)
-        wall, cpu, (canonical, reorientation) = _timed(lambda v=filled: canonical_orientation(v), args.repeats)
-        resample_wall, _, _ = _timed(lambda c=canonical: resample_volume(c, config.spacing_zyx_mm, "linear"), 1)
+        wall, cpu, (canonical, reorientation) = median_seconds(lambda v=filled: canonical_orientation(v), args.repeats)
+        resample_wall, _, _ = median_seconds(lambda c=canonical: resample_volume(c, config.spacing_zyx_mm, "linear"), 1)
         method = reorientation.summary()["method"]
         print(f"{name:16s} {method:10s} {wall:9.3f} {cpu:7.3f} {resample_wall:11.3f} {canonical.shape_zyx}")
         figures["cases"][name] = {"method": method, "orient_wall_s": round(wall, 3), "orient_cpu_s": round(cpu, 3),

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import DATA, lidc_series  # noqa: E402
 from _record import machine_info, record  # noqa: E402
 
 PATIENTS = ("LIDC-IDRI-0001", "LIDC-IDRI-0002")
@@ -51,18 +52,10 @@ def _one_case(series_dir: str, patient: str, out_root: str, queue: Any) -> None:
     )
 
 
-def _series_dir(data: Path, patient: str) -> Path:
-    found = [p.parent for p in (data / "LIDC-IDRI" / patient).glob("*/*/*.xml")]
-    if len(found) != 1:
-        raise SystemExit(f"expected one annotated series under {data / 'LIDC-IDRI' / patient}, found {len(found)}")
-    return found[0]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="LIDC-IDRI-0001 only, no parallel run")
-    parser.add_argument("--data", type=Path, default=Path(os.environ.get(
-        "NODULENET_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")))
+    parser.add_argument("--data", type=Path, default=DATA)
     args = parser.parse_args()
     patients = PATIENTS[:1] if args.quick else PATIENTS
     figures: dict[str, Any] = {"load_average_at_start": list(os.getloadavg()), "cases": {}}
@@ -70,7 +63,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="prepare_speed_") as tmp:
         for patient in patients:
             queue = context.Queue()
-            child = context.Process(target=_one_case, args=(str(_series_dir(args.data, patient)), patient, tmp, queue))
+            child = context.Process(target=_one_case, args=(str(lidc_series(patient, args.data)), patient, tmp, queue))
             child.start()
             result = queue.get()
             child.join()

@@ -25,20 +25,18 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _record import record
+from _common import add_heldout_phantom_arguments, heldout_seeds  # noqa: E402
+from _record import record  # noqa: E402
 
 FLIP_PASSES = 4  # tta_flips("flips"): the image and its three single-axis mirrors
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=10, help="number of held-out phantoms")
-    parser.add_argument("--first-seed", type=int, default=2000)
-    parser.add_argument("--weights", type=Path, default=None, help="model A (default: the shipped demo model)")
+    add_heldout_phantom_arguments(parser, first_seed=2000, name="tta_ensemble",
+                                  weights_help="model A (default: the shipped demo model)",
+                                  out_help="keep the phantoms here (default: a temp folder)")
     parser.add_argument("--second", type=Path, required=True, help="model B of the ensemble")
-    parser.add_argument("--out", type=Path, default=None, help="keep the phantoms here (default: a temp folder)")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--name", default="tta_ensemble", help="name of the JSON record")
     args = parser.parse_args()
 
     import torch
@@ -66,7 +64,7 @@ def main() -> None:
         "A+B+flips (wbf)": (list(range(2 * FLIP_PASSES)), "wbf"),
         "B": ([FLIP_PASSES], "wbf"),
     }
-    seeds = list(range(args.first_seed, args.first_seed + args.n))
+    seeds = heldout_seeds(args)
     candidates: dict[str, list[FrocCandidate]] = {v: [] for v in variants}
     nodules: list[FrocFinding] = []
     names: list[str] = []

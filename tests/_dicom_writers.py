@@ -12,11 +12,11 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 import pydicom
-from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.encaps import encapsulate, generate_frames
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import CTImageStorage, generate_uid
 from scipy import ndimage
 
+from nodulenet.io.dicom_write import new_file_dataset
 from nodulenet.io.volume import Volume
 
 STUDY_UID = "1.2.826.0.1.3680043.8.498.77"
@@ -60,13 +60,8 @@ def write_ct_slices(folder: Path, slices: Sequence[np.ndarray], positions: Seque
     folder.mkdir(parents=True, exist_ok=True)
     series_uid = series_uid or generate_uid()
     for k, (hu, position) in enumerate(zip(slices, positions)):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = sop_class
-        meta.MediaStorageSOPInstanceUID = sop_uid = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
         path = folder / f"{prefix}{k:04d}.dcm"
-        ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-        ds.SOPClassUID, ds.SOPInstanceUID = sop_class, sop_uid
+        ds = new_file_dataset(path, sop_class, generate_uid())
         ds.Modality = modality
         ds.SeriesInstanceUID, ds.StudyInstanceUID = series_uid, STUDY_UID
         ds.FrameOfReferenceUID = FRAME_OF_REFERENCE_UID

@@ -18,6 +18,10 @@ Usage::
                          known_hosts=server.known_hosts, remote_python=sys.executable)
 
 Tests skip (with the reason) when ``sshd``/``ssh-keygen`` are missing or the config is refused.
+
+A test module of SSH runs imports the two fixtures at the end, ``isolated_home`` (autouse: every test of the
+module gets a fresh ``$HOME``) and ``server`` (one sshd per module), by their function names so that the tests'
+parameters do not shadow the import: ``from _sshd import isolated_home_fixture, sshd_server_fixture``.
 """
 
 from __future__ import annotations
@@ -244,3 +248,16 @@ def running_sshd(root: Path) -> Iterator[SshServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(autouse=True, name="isolated_home")
+def isolated_home_fixture(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """:func:`isolate_ssh_client` for every test of a module that imports this fixture."""
+    return isolate_ssh_client(tmp_path, monkeypatch)
+
+
+@pytest.fixture(scope="module", name="server")
+def sshd_server_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
+    """One private sshd for a whole test module."""
+    with running_sshd(tmp_path_factory.mktemp("sshd")) as s:
+        yield s

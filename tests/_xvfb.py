@@ -6,7 +6,9 @@ children (offscreen Qt with an embedded VTK widget does not work, see ENVIRONMEN
 
 One Xvfb and one QApplication per test process (Qt allows one application per process, and several test
 modules use it): :func:`qt_application` starts them on first use. Windows are closed by the tests' fixtures;
-the application goes with the process as in any PySide program. Xvfb is stopped by the kernel the moment the
+the application goes with the process as in any PySide program. A test module of the viewer imports the
+module-scoped fixture ``app`` for that application by its function name (``from _xvfb import qt_app_fixture``),
+so that the tests' ``app`` parameters do not shadow the import. Xvfb is stopped by the kernel the moment the
 test process ends, however it ends (``PR_SET_PDEATHSIG``), and never before: killing it while Qt or VTK still
 holds an X connection makes Xlib end the process with status 1, and pytest's exit status would be lost. Tests skip with the reason when Xvfb, PySide6 or VTK
 is missing.
@@ -88,19 +90,18 @@ def qt_application() -> Any:
     return _STATE["app"]
 
 
-def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
-    """Run the Qt event loop until ``predicate()`` holds; fail the test after ``timeout_s`` saying ``what``."""
-    from PySide6.QtCore import QDeadlineTimer, QEventLoop, QTimer
+@pytest.fixture(scope="module", name="app")
+def qt_app_fixture() -> Any:
+    """The QApplication (:func:`qt_application`) for the tests of a module that imports this fixture."""
+    return qt_application()
 
-    if predicate():
-        return
-    loop = QEventLoop()
-    deadline = QDeadlineTimer(int(timeout_s * 1000))
-    poll = QTimer()
-    poll.setInterval(20)
-    poll.timeout.connect(lambda: (predicate() or deadline.hasExpired()) and loop.quit())
-    poll.start()
-    loop.exec()
-    poll.stop()
-    if not predicate():
-        pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+    """Run the Qt event loop until ``predicate()`` holds; fail the test after ``timeout_s`` saying ``what``
+    (the viewer's own :func:`~nodulenet.app.screenshots.wait_for`, its timeout as a test failure)."""
+    from nodulenet.app.screenshots import WaitTimeout, wait_for
+
+    try:
+        wait_for(predicate, timeout_s, what)
+    except WaitTimeout as exc:
+        pytest.fail(str(exc))

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import CTImageStorage, generate_uid
 
-from _xvfb import qt_application, wait_until
+from _xvfb import qt_app_fixture, wait_until  # noqa: F401
+from nodulenet.io.dicom_write import new_file_dataset
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -24,14 +24,8 @@ def write_ct_series(folder: Path, n_slices: int, size: int, description: str) ->
     folder.mkdir(parents=True, exist_ok=True)
     series_uid = generate_uid()
     for k in range(n_slices):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
         path = folder / f"{description}-{k:03d}.dcm"
-        ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+        ds = new_file_dataset(path, CTImageStorage, generate_uid())
         ds.Modality = "CT"
         ds.SeriesInstanceUID = series_uid
         ds.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.10"
@@ -60,11 +54,6 @@ def write_ct_series(folder: Path, n_slices: int, size: int, description: str) ->
         ds.PixelData = np.full((size, size), k * 10 + 24, dtype=np.int16).tobytes()
         ds.save_as(path, enforce_file_format=True)
     return series_uid
-
-
-@pytest.fixture(scope="module")
-def app():
-    return qt_application()
 
 
 @pytest.fixture

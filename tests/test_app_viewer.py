@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from _xvfb import qt_application, wait_until
+from _xvfb import qt_app_fixture, wait_until  # noqa: F401
 from nodulenet.infer.cohort import Shard
 from nodulenet.io.findings import read_findings_json
 from nodulenet.predict_api import PredictOptions, predict_scans
@@ -42,11 +42,6 @@ def colour_pixels(rgb: np.ndarray, colour: tuple[int, int, int]) -> np.ndarray:
     """(n, 2) x, y of the pixels exactly this colour."""
     ys, xs = np.nonzero(np.all(rgb == np.asarray(colour, dtype=np.uint8), axis=2))
     return np.stack([xs, ys], axis=1)
-
-
-@pytest.fixture(scope="module")
-def app():
-    return qt_application()
 
 
 @pytest.fixture(scope="module")

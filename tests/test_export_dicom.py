@@ -14,13 +14,14 @@ import numpy as np
 import pydicom
 import pytest
 
+from _masks import sphere_mask
 from nodulenet.errors import InputError
 from nodulenet.export.api import export_all
 from nodulenet.export.dicom_source import ExportSkipped
 from nodulenet.export.labelmap import label_array_from_findings
 from nodulenet.export.measurements import finding_from_mask
 from nodulenet.io.dicom import read_dicom_series
-from nodulenet.io.findings import ModelInfo, NoduleMask, ScanFindings, ScanSource
+from nodulenet.io.findings import ModelInfo, ScanFindings, ScanSource
 from nodulenet.io.volume import Volume
 
 hd = pytest.importorskip("highdicom")
@@ -35,17 +36,6 @@ def nearest_instance(series: Path, world_z_mm: float) -> tuple[int, float]:
     best = min((abs(float(ds.ImagePositionPatient[2]) - world_z_mm), int(ds.InstanceNumber), float(ds.SliceLocation))
                for ds in (pydicom.dcmread(f, stop_before_pixels=True) for f in sorted(series.glob("*.dcm"))))
     return best[1], best[2]
-
-
-def sphere_mask(hu: Volume, centre_world_xyz: tuple[float, float, float], diameter_mm: float) -> NoduleMask:
-    """Voxels of ``hu``'s grid whose centre is within the sphere (a crop around it)."""
-    centre = hu.world_to_voxel(centre_world_xyz)
-    spacing = np.asarray(hu.spacing_zyx)
-    half = np.ceil(diameter_mm / 2 / spacing).astype(int) + 1
-    lo = np.round(centre).astype(int) - half
-    idx = np.stack(np.meshgrid(*[np.arange(a, a + 2 * h + 1) for a, h in zip(lo, half)], indexing="ij"), -1)
-    inside = (((idx - centre) * spacing) ** 2).sum(-1) <= (diameter_mm / 2) ** 2
-    return NoduleMask(inside, tuple(int(v) for v in lo))  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,11 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.uid import CTImageStorage, MRImageStorage, generate_uid
 
 from nodulenet.errors import InputError
 from nodulenet.io.dicom import list_dicom_series, read_dicom_series
+from nodulenet.io.dicom_write import new_file_dataset
 from nodulenet.io.volume import Volume
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -52,15 +52,8 @@ def write_series(
     paths, raws = [], []
     for k, pos in enumerate(positions_xyz):
         sop_class = CTImageStorage if modality == "CT" else MRImageStorage
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = sop_class
-        sop_uid = generate_uid()
-        meta.MediaStorageSOPInstanceUID = sop_uid
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
         path = folder / f"{prefix}{name_rank[k]:04d}.dcm"
-        ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-        ds.SOPClassUID = sop_class
-        ds.SOPInstanceUID = sop_uid
+        ds = new_file_dataset(path, sop_class, generate_uid())
         ds.Modality = modality
         ds.SeriesInstanceUID = series_uid
         ds.StudyInstanceUID = study_uid

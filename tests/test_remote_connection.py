@@ -13,24 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from _sshd import generate_key, isolate_ssh_client, known_hosts_line, running_sshd
+from _sshd import generate_key, isolated_home_fixture, known_hosts_line, sshd_server_fixture  # noqa: F401
 from nodulenet.errors import InputError
 from nodulenet.remote.connection import (AuthError, HostKeyError, RemoteError, connect, default_known_hosts,
                                          parse_target)
 from nodulenet.remote.transfer import plan_upload
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture(autouse=True)
-def isolated_home(tmp_path, monkeypatch):
-    return isolate_ssh_client(tmp_path, monkeypatch)
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with running_sshd(tmp_path_factory.mktemp("sshd")) as s:
-        yield s
 
 
 def _fingerprint(public_key: Path) -> str:

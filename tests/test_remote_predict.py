@@ -19,7 +19,7 @@ import numpy as np
 import psutil
 import pytest
 
-from _sshd import isolate_ssh_client, running_sshd
+from _sshd import isolated_home_fixture, running_sshd, sshd_server_fixture  # noqa: F401
 from nodulenet.infer.cohort import Shard
 from nodulenet.io.findings import ScanFindings
 from nodulenet.io.image_files import read_image
@@ -35,17 +35,6 @@ SMALL = PhantomConfig(shape_yx=(160, 160), spacing_yx_mm=(1.25, 1.25), extent_z_
                       flip_xyz=(True, False, True))
 # One torch thread (2 shared cores); a high threshold keeps the report export short.
 OPTIONS = PredictOptions(threshold=0.9, threads=1)
-
-
-@pytest.fixture(autouse=True)
-def isolated_home(tmp_path, monkeypatch):
-    return isolate_ssh_client(tmp_path, monkeypatch)
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with running_sshd(tmp_path_factory.mktemp("sshd")) as s:
-        yield s
 
 
 @pytest.fixture(scope="module")

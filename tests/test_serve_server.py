@@ -15,10 +15,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import CTImageStorage, generate_uid
 
 from _serverproc import running_server
+from nodulenet.io.dicom_write import new_file_dataset
 from nodulenet.io.findings import read_findings_json
 from nodulenet.io.image_files import read_image
 from nodulenet.preprocess.phantom import PhantomConfig, make_phantom, write_phantom
@@ -41,13 +41,9 @@ def write_dicom_series(volume, folder: Path, seed: int) -> str:
     study, series, frame = (generate_uid(entropy_srcs=[f"nodulenet-serve-test-{seed}-{k}"])
                             for k in ("study", "series", "frame"))
     for k in range(g.shape_zyx[0]):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[f"nodulenet-serve-test-{seed}-slice-{k}"])
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
         path = folder / f"{k:04d}.dcm"
-        ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+        sop_uid = generate_uid(entropy_srcs=[f"nodulenet-serve-test-{seed}-slice-{k}"])
+        ds = new_file_dataset(path, CTImageStorage, sop_uid)
         ds.Modality, ds.Manufacturer = "CT", "NoduleNet tests"
         ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Phantom^Server", f"PH-{seed}", "", "O"
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame

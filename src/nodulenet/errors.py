@@ -6,6 +6,8 @@ the CLI can print one line instead of a traceback from deep inside numpy or Simp
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -31,3 +33,17 @@ class OutputFolderError(NoduleNetError):
         self.path = Path(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
+
+
+@contextmanager
+def text_file_errors(path: Path, expected: str | None = None) -> Iterator[None]:
+    """Reading ``path`` as UTF-8 text inside this block: a missing, unreadable or binary file is one
+    :class:`InputError` line (``expected`` names the file kind wanted, for the binary case)."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise InputError(path, "file not found") from None
+    except UnicodeDecodeError:
+        raise InputError(path, "not a UTF-8 text file" + (f" (expected {expected})" if expected else "")) from None
+    except OSError as exc:
+        raise InputError(path, f"cannot read file ({exc.strerror or exc})") from None

@@ -1,12 +1,13 @@
 """Package attributes imported on first use (PEP 562), so ``import nodulenet.io`` does not load SimpleITK/pydicom.
 
-A package lists ``{attribute: module}`` and sets ``__getattr__ = lazy_getattr(__name__, table)``.
+A package lists ``{attribute: module}`` (or builds it with :func:`by_module` from ``{module: attributes}``) and
+sets ``__getattr__ = lazy_getattr(__name__, table)``.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 
@@ -19,3 +20,8 @@ def lazy_getattr(package: str, table: Mapping[str, str]) -> Callable[[str], Any]
         raise AttributeError(f"module {package!r} has no attribute {name!r}")
 
     return __getattr__
+
+
+def by_module(names: Mapping[str, Sequence[str]]) -> dict[str, str]:
+    """``{attribute: module}`` from ``{module: its attributes}`` (each module named once), in the given order."""
+    return {name: module for module, attributes in names.items() for name in attributes}

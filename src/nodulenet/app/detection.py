@@ -222,55 +222,62 @@ class ThreadDetection(DetectionJob):
 # ------------------------------------------------------------------------------------------------ dialogs
 
 
-class ServerDialog(QDialog):
-    """Asks for a NoduleNet server URL and its token (pre-filled with the remembered ones)."""
+class _RemoteDialog(QDialog):
+    """A form asking where to run: a title, a note on top, the dialog's rows, OK / Cancel at the bottom."""
 
-    def __init__(self, url: str = "", token: str = "", parent: QWidget | None = None) -> None:
+    def __init__(self, title: str, note: str, parent: QWidget | None) -> None:
         super().__init__(parent)
-        self.setWindowTitle("Run detection on a server")
-        form = QFormLayout(self)
-        form.addRow(QLabel("A `nodulenet serve` server runs its own model on its own hardware."))
-        self.url = QLineEdit(url, self)
-        self.url.setPlaceholderText("http://host:8000")
-        self.token = QLineEdit(token, self)
-        self.token.setEchoMode(QLineEdit.EchoMode.Password)
-        self.token.setPlaceholderText("the server's bearer token")
-        form.addRow("Server URL", self.url)
-        form.addRow("Token", self.token)
+        self.setWindowTitle(title)
+        self._form = QFormLayout(self)
+        self._form.addRow(QLabel(note))
+
+    def _line_edit(self, text: str, placeholder: str) -> QLineEdit:
+        edit = QLineEdit(text, self)
+        edit.setPlaceholderText(placeholder)
+        return edit
+
+    def _add_rows(self, rows: list[tuple[str, QWidget] | QWidget]) -> None:
+        """The rows (``(label, field)``, or a widget the width of the form), then the OK / Cancel buttons."""
+        for row in rows:
+            if isinstance(row, tuple):
+                self._form.addRow(*row)
+            else:
+                self._form.addRow(row)
         buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel)
         buttons.accepted.connect(self.accept)
         buttons.rejected.connect(self.reject)
-        form.addRow(buttons)
+        self._form.addRow(buttons)
+
+
+class ServerDialog(_RemoteDialog):
+    """Asks for a NoduleNet server URL and its token (pre-filled with the remembered ones)."""
+
+    def __init__(self, url: str = "", token: str = "", parent: QWidget | None = None) -> None:
+        super().__init__("Run detection on a server",
+                         "A `nodulenet serve` server runs its own model on its own hardware.", parent)
+        self.url = self._line_edit(url, "http://host:8000")
+        self.token = self._line_edit(token, "the server's bearer token")
+        self.token.setEchoMode(QLineEdit.EchoMode.Password)
+        self._add_rows([("Server URL", self.url), ("Token", self.token)])
 
     def values(self) -> tuple[str, str]:
         return self.url.text().strip(), self.token.text().strip()
 
 
-class SshDialog(QDialog):
+class SshDialog(_RemoteDialog):
     """Asks for an SSH target ``user@host[:port]`` and how to run nodulenet there (remembered values)."""
 
     def __init__(self, target: str = "", remote_python: str = "", identity: str = "",
                  accept_new_host_key: bool = False, parent: QWidget | None = None) -> None:
-        super().__init__(parent)
-        self.setWindowTitle("Run detection over SSH")
-        form = QFormLayout(self)
-        form.addRow(QLabel("nodulenet must be installed on the host; the scan is uploaded, results downloaded."))
-        self.target = QLineEdit(target, self)
-        self.target.setPlaceholderText("user@host[:port]")
-        self.remote_python = QLineEdit(remote_python, self)
-        self.remote_python.setPlaceholderText("default: the `nodulenet` command on the host's PATH")
-        self.identity = QLineEdit(identity, self)
-        self.identity.setPlaceholderText("default: SSH agent and ~/.ssh keys")
+        super().__init__("Run detection over SSH",
+                         "nodulenet must be installed on the host; the scan is uploaded, results downloaded.", parent)
+        self.target = self._line_edit(target, "user@host[:port]")
+        self.remote_python = self._line_edit(remote_python, "default: the `nodulenet` command on the host's PATH")
+        self.identity = self._line_edit(identity, "default: SSH agent and ~/.ssh keys")
         self.accept_new = QCheckBox("Trust a host that is not in known_hosts yet (a changed key is always refused)")
         self.accept_new.setChecked(accept_new_host_key)
-        form.addRow("Host", self.target)
-        form.addRow("Remote Python", self.remote_python)
-        form.addRow("Private key", self.identity)
-        form.addRow(self.accept_new)
-        buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel)
-        buttons.accepted.connect(self.accept)
-        buttons.rejected.connect(self.reject)
-        form.addRow(buttons)
+        self._add_rows([("Host", self.target), ("Remote Python", self.remote_python), ("Private key", self.identity),
+                        self.accept_new])
 
     def values(self) -> dict[str, Any]:
         return {"target": self.target.text().strip(), "remote_python": self.remote_python.text().strip(),

@@ -33,8 +33,12 @@ LIDC_0001_NODULE_XYZ_MM = (56.21, 86.34, -115.87)  # LUNA16 annotations.csv, 23.
 WINDOW_SIZE = (1500, 920)
 
 
+class WaitTimeout(RuntimeError):
+    """:func:`wait_for` gave up: what it waited for did not happen in time."""
+
+
 def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
-    """Run the Qt event loop until ``predicate()`` holds; RuntimeError after ``timeout_s``."""
+    """Run the Qt event loop until ``predicate()`` holds; :class:`WaitTimeout` after ``timeout_s``."""
     from PySide6.QtCore import QDeadlineTimer, QEventLoop, QTimer
 
     loop = QEventLoop()
@@ -47,7 +51,7 @@ def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None
         loop.exec()
     timer.stop()
     if not predicate():
-        raise RuntimeError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        raise WaitTimeout(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
 def _detect(window: object, scan: Path, threshold: float) -> None:

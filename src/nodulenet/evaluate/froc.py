@@ -41,7 +41,7 @@ from __future__ import annotations
 import csv
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -298,6 +298,12 @@ class FrocMatchCounts:
     n_nodules: int = 0
     missed: list[FrocFinding] = field(default_factory=list)
 
+    def result_fields(self) -> dict[str, Any]:
+        """These counts as :class:`FrocResult` keyword arguments (``missed`` is its ``missed_nodules``)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values["missed_nodules"] = values.pop("missed")
+        return values
+
 
 def _apply_mark_cap(probs: np.ndarray, max_marks: int) -> np.ndarray:
     """Boolean keep-mask of the script's maxNumberOfCADMarks rule (see module doc, rule 2)."""
@@ -551,23 +557,15 @@ def compute_froc(
         ci_low=None,
         ci_high=None,
         n_scans=len(scans),
-        n_nodules=counts.n_nodules,
-        n_hits=counts.n_hits,
-        n_false_positives=counts.n_false_positives,
-        n_candidates=counts.n_candidates,
         n_bootstrap=n_bootstrap,
         seed=seed,
         max_marks_per_scan=max_marks_per_scan,
-        n_ignored_on_excluded=counts.n_ignored_on_excluded,
-        n_ignored_duplicates=counts.n_ignored_duplicates,
-        n_ignored_unlisted_scan=counts.n_ignored_unlisted_scan,
-        n_dropped_by_mark_cap=counts.n_dropped_by_mark_cap,
         raw_fps_per_scan=fps,
         raw_sensitivities=sens,
         raw_thresholds=thresholds,
         sensitivities_at_first_reached=first,
         cpm_first_reached=float(np.mean(list(first.values()))),
-        missed_nodules=counts.missed,
+        **counts.result_fields(),
     )
     if n_bootstrap > 0:
         boot = _bootstrap(ranked, len(scans), grid, n_bootstrap, np.random.default_rng(seed))

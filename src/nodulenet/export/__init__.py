@@ -8,24 +8,18 @@ highdicom, matplotlib) load when a name is first used.
 
 from __future__ import annotations
 
-from nodulenet.lazy import lazy_getattr
+from nodulenet.lazy import by_module, lazy_getattr
 
-_LAZY = {
-    "export_all": "nodulenet.export.api",
-    "ExportResult": "nodulenet.export.api",
-    "ExportSkipped": "nodulenet.export.dicom_source",
-    "write_nodules_json": "nodulenet.export.tables",
-    "write_candidates_csv": "nodulenet.export.tables",
-    "write_label_map": "nodulenet.export.labelmap",
-    "label_array_from_findings": "nodulenet.export.labelmap",
-    "attach_masks_from_label_map": "nodulenet.export.labelmap",
-    "write_dicom_seg": "nodulenet.export.dicom_seg",
-    "write_dicom_sr": "nodulenet.export.dicom_sr",
-    "write_report": "nodulenet.export.report",
-    "measure_mask": "nodulenet.export.measurements",
-    "finding_from_mask": "nodulenet.export.measurements",
-    "findings_from_label_map": "nodulenet.export.measurements",
-}
+_LAZY = by_module({
+    "nodulenet.export.api": ("export_all", "ExportResult"),
+    "nodulenet.export.dicom_source": ("ExportSkipped",),
+    "nodulenet.export.tables": ("write_nodules_json", "write_candidates_csv"),
+    "nodulenet.export.labelmap": ("write_label_map", "label_array_from_findings", "attach_masks_from_label_map"),
+    "nodulenet.export.dicom_seg": ("write_dicom_seg",),
+    "nodulenet.export.dicom_sr": ("write_dicom_sr",),
+    "nodulenet.export.report": ("write_report",),
+    "nodulenet.export.measurements": ("measure_mask", "finding_from_mask", "findings_from_label_map"),
+})
 
 __all__ = list(_LAZY)
 

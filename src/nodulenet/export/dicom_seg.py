@@ -26,11 +26,11 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from nodulenet.export.dicom_source import (
-    MANUFACTURER,
     MODEL_NAME,
     ExportSkipped,
     algorithm_version,
     labels_on_source_slices,
+    new_series_attributes,
     read_source_headers,
     require_dicom_source,
     save_dataset,
@@ -92,17 +92,12 @@ def build_dicom_seg(findings: ScanFindings, label_array: np.ndarray, source_head
         pixel_array=label_array,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=_segment_descriptions(findings),
-        series_instance_uid=hd.UID(),
-        series_number=SEG_SERIES_NUMBER,
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer=MANUFACTURER,
+        **new_series_attributes(SEG_SERIES_NUMBER, SEG_SERIES_DESCRIPTION),
         manufacturer_model_name=MODEL_NAME,
         software_versions=findings.nodulenet_version,
         device_serial_number=(findings.model.weights_sha256 or "unknown")[:16],
         content_label="NODULES",
         content_description="NoduleNet lung nodules - research software, not for diagnosis",
-        series_description=SEG_SERIES_DESCRIPTION,
         omit_empty_frames=True,
     )
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -109,6 +110,15 @@ def read_source_headers(hu: Volume, what: str = "DICOM export") -> list[Dataset]
                                    f"{ds.get('SOPInstanceUID')} != {uid})")
         headers.append(ds)
     return headers
+
+
+def new_series_attributes(series_number: int, series_description: str) -> dict[str, Any]:
+    """The highdicom keyword arguments every exported object shares: it is instance 1 of a new series
+    (new series and SOP instance UIDs, the series' number and description), made by this project."""
+    import highdicom as hd  # the writers' dependency: not needed to decide "skipped"
+
+    return {"series_instance_uid": hd.UID(), "series_number": series_number, "series_description": series_description,
+            "sop_instance_uid": hd.UID(), "instance_number": 1, "manufacturer": MANUFACTURER}
 
 
 def save_dataset(dataset: Dataset, path: str | Path) -> Path:

@@ -42,6 +42,7 @@ from nodulenet.export.dicom_source import (
     MODEL_NAME,
     ExportSkipped,
     algorithm_version,
+    new_series_attributes,
     read_source_headers,
     require_dicom_source,
     save_dataset,
@@ -192,15 +193,10 @@ def sr_document(groups: list, evidence: list[Dataset], *, series_number: int = S
     return hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=report,
-        series_instance_uid=hd.UID(),
-        series_number=series_number,
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer=MANUFACTURER,
+        **new_series_attributes(series_number, series_description),
         is_complete=True,
         is_final=False,
         is_verified=False,
-        series_description=series_description,
     )
 
 

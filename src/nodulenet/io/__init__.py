@@ -6,18 +6,13 @@ Importing ``nodulenet.io`` is cheap: the readers (pydicom, SimpleITK) load when 
 from __future__ import annotations
 
 from nodulenet.io.volume import Geometry, Volume
-from nodulenet.lazy import lazy_getattr
+from nodulenet.lazy import by_module, lazy_getattr
 
-_LAZY = {
-    "read_scan": "nodulenet.io.scan",
-    "write_volume": "nodulenet.io.scan",
-    "SUPPORTED_SCAN_SUFFIXES": "nodulenet.io.scan",
-    "read_image": "nodulenet.io.image_files",
-    "write_image": "nodulenet.io.image_files",
-    "read_dicom_series": "nodulenet.io.dicom",
-    "list_dicom_series": "nodulenet.io.dicom",
-    "DicomSeriesInfo": "nodulenet.io.dicom",
-}
+_LAZY = by_module({
+    "nodulenet.io.scan": ("read_scan", "write_volume", "SUPPORTED_SCAN_SUFFIXES"),
+    "nodulenet.io.image_files": ("read_image", "write_image"),
+    "nodulenet.io.dicom": ("read_dicom_series", "list_dicom_series", "DicomSeriesInfo"),
+})
 
 __all__ = ["Geometry", "Volume", *_LAZY]
 

@@ -31,7 +31,7 @@ import logging
 import math
 import os
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -166,20 +166,9 @@ class DicomSeriesInfo:
         return f"{self.series_instance_uid} ({self.modality or '?'}, {kind}, {count}{thick}{desc})"
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "series_instance_uid": self.series_instance_uid,
-            "modality": self.modality,
-            "num_files": self.num_files,
-            "series_description": self.series_description,
-            "image_type": list(self.image_type),
-            "study_instance_uid": self.study_instance_uid,
-            "patient_id": self.patient_id,
-            "series_number": self.series_number,
-            "num_slices": self.num_slices,
-            "slice_thickness_mm": self.slice_thickness_mm,
-            "sop_class_uid": self.sop_class_uid,
-            "is_ct_volume": self.is_ct_volume,
-        }
+        """Every field in order but ``files`` (thousands, in a big series), then ``is_ct_volume``."""
+        record = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "files"}
+        return {**record, "image_type": list(self.image_type), "is_ct_volume": self.is_ct_volume}
 
 
 # ---------------------------------------------------------------------------------------------- scanning

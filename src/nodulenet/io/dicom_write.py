@@ -55,6 +55,20 @@ def _dicom_decimal(value: float) -> str:
     return text if len(text) <= 16 else f"{value:.8g}"
 
 
+def new_file_dataset(path: str | Path, sop_class_uid: str, sop_instance_uid: str) -> FileDataset:
+    """An empty DICOM file for ``path`` (Explicit VR Little Endian, 128-byte preamble) whose file meta and
+    dataset both carry ``sop_class_uid`` and ``sop_instance_uid``; the caller adds the attributes."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class_uid
+    meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = sop_class_uid
+    ds.SOPInstanceUID = sop_instance_uid
+    return ds
+
+
 def write_ct_series(volume: Volume, folder: str | Path, identity: SeriesIdentity | None = None) -> list[Path]:
     """Write ``volume`` (HU, ``(z, y, x)``) as CT slices ``folder/0001.dcm ...``; return the paths in z order."""
     identity = identity or SeriesIdentity()
@@ -76,16 +90,8 @@ def write_ct_series(volume: Volume, folder: str | Path, identity: SeriesIdentity
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for k in range(array.shape[0]):
-        sop_uid = generate_uid(entropy_srcs=[identity.series_uid, str(k)])
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = sop_uid
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
         path = out / f"{k + 1:04d}.dcm"
-        ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = sop_uid
+        ds = new_file_dataset(path, CTImageStorage, generate_uid(entropy_srcs=[identity.series_uid, str(k)]))
         ds.SpecificCharacterSet = "ISO_IR 100"
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
         ds.Modality = "CT"

@@ -67,7 +67,7 @@ from typing import Any
 import numpy as np
 
 from nodulenet import __version__
-from nodulenet.errors import InputError
+from nodulenet.errors import InputError, text_file_errors
 from nodulenet.io.atomic import write_json_atomic
 from nodulenet.io.volume import Geometry
 
@@ -565,14 +565,8 @@ def read_findings_json(path: str | Path) -> ScanFindings:
     """Read a ``nodules.json`` file (schema ``nodulenet.nodules/1``). Masks are not in the file: attach them
     from the label map with :func:`nodulenet.export.labelmap.attach_masks_from_label_map`."""
     path = Path(path)
-    try:
+    with text_file_errors(path, expected="nodules.json"):
         text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError(path, "file not found") from None
-    except UnicodeDecodeError:
-        raise InputError(path, "not a UTF-8 text file (expected nodules.json)") from None
-    except OSError as exc:
-        raise InputError(path, f"cannot read file ({exc.strerror or exc})") from None
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:

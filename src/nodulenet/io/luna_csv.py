@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from nodulenet.errors import InputError
+from nodulenet.errors import InputError, text_file_errors
 from nodulenet.io.atomic import atomic_path
 
 ANNOTATION_HEADER = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm")
@@ -56,22 +56,15 @@ _Row = TypeVar("_Row", LunaAnnotation, LunaCandidate)
 
 def _open_rows(path: Path) -> Iterable[tuple[int, list[str]]]:
     """Yield ``(line number, cells)`` of a CSV file; blank lines are skipped."""
-    try:
-        # utf-8-sig: a byte-order mark written by spreadsheet programs is not part of the first cell.
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f)
-            try:
-                for cells in reader:
-                    if cells and any(c.strip() for c in cells):
-                        yield reader.line_num, [c.strip() for c in cells]
-            except csv.Error as exc:
-                raise InputError(path, f"line {reader.line_num}: not valid CSV ({exc})") from None
-    except UnicodeDecodeError:
-        raise InputError(path, "not a UTF-8 text file") from None
-    except FileNotFoundError:
-        raise InputError(path, "file not found") from None
-    except OSError as exc:
-        raise InputError(path, f"cannot read file ({exc.strerror or exc})") from None
+    # utf-8-sig: a byte-order mark written by spreadsheet programs is not part of the first cell.
+    with text_file_errors(path), open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        try:
+            for cells in reader:
+                if cells and any(c.strip() for c in cells):
+                    yield reader.line_num, [c.strip() for c in cells]
+        except csv.Error as exc:
+            raise InputError(path, f"line {reader.line_num}: not valid CSV ({exc})") from None
 
 
 def _uid(path: Path, line: int, text: str) -> str:

@@ -97,12 +97,13 @@ def reindex_index(index_zyx: Any, shape_zyx: tuple[int, ...], axes: tuple[int, .
 
 def unreindex_index(index_zyx: Any, shape_zyx: tuple[int, ...], axes: tuple[int, ...],
                     flips: tuple[bool, ...]) -> Index:
-    """The inverse of :func:`reindex_index` (``shape_zyx`` is still the shape of the array before re-indexing)."""
-    c = np.asarray(index_zyx, dtype=np.float64)
-    q = np.empty_like(c)
-    for a, (axis, flip) in enumerate(zip(axes, flips)):
-        q[..., axis] = (shape_zyx[axis] - 1 - c[..., a]) if flip else c[..., a]
-    return q
+    """The inverse of :func:`reindex_index` (``shape_zyx`` is still the shape of the array before re-indexing).
+
+    It is :func:`reindex_index` of the view: axis ``axes[a]`` comes back from view axis ``a`` (the inverse
+    permutation ``argsort(axes)``), reversed where view axis ``a`` was."""
+    inverse = tuple(int(a) for a in np.argsort(axes))
+    view_shape = tuple(shape_zyx[axis] for axis in axes)
+    return reindex_index(index_zyx, view_shape, inverse, tuple(flips[a] for a in inverse))
 
 
 def _reindex_geometry(geometry: Geometry, axes: tuple[int, int, int], flips: tuple[bool, bool, bool]) -> Geometry:

@@ -42,22 +42,6 @@ class TubeTree:
     segments: np.ndarray  # (n_segments, 2) int
     incoming_dir: np.ndarray  # (n_nodes, 3)
 
-    @property
-    def start_zyx_mm(self) -> np.ndarray:
-        return self.nodes_zyx_mm[self.segments[:, 0]]
-
-    @property
-    def end_zyx_mm(self) -> np.ndarray:
-        return self.nodes_zyx_mm[self.segments[:, 1]]
-
-    @property
-    def start_radius_mm(self) -> np.ndarray:
-        return self.node_radius_mm[self.segments[:, 0]]
-
-    @property
-    def end_radius_mm(self) -> np.ndarray:
-        return self.node_radius_mm[self.segments[:, 1]]
-
 
 @dataclass(frozen=True)
 class Capsules:
@@ -70,12 +54,10 @@ class Capsules:
 
     @classmethod
     def from_tree(cls, tree: TubeTree, radius_scale: float = 1.0, radius_add_mm: float = 0.0) -> "Capsules":
-        return cls(
-            tree.start_zyx_mm,
-            tree.end_zyx_mm,
-            tree.start_radius_mm * radius_scale + radius_add_mm,
-            tree.end_radius_mm * radius_scale + radius_add_mm,
-        )
+        """One capsule per segment, from its parent node to its child node."""
+        parent, child = tree.segments[:, 0], tree.segments[:, 1]
+        radius = tree.node_radius_mm * radius_scale + radius_add_mm
+        return cls(tree.nodes_zyx_mm[parent], tree.nodes_zyx_mm[child], radius[parent], radius[child])
 
     @classmethod
     def from_polyline(cls, points_zyx_mm: np.ndarray, radii_mm: np.ndarray) -> "Capsules":
