@@ -24,9 +24,11 @@ PATH, default settings, each just before this checkout's run: the before/after r
 changes from minute to minute; the load average is recorded at the start and end of each variant). The CPU flags
 that decide bf16 (``/proc/cpuinfo``, ``torch.backends.cpu.get_cpu_capability()``) are recorded too.
 
-``--bf16-check`` compares the DETECTIONS of fp32 and bf16 autocast on a crop around the nodule
-(``benchmarks/results/predict_bf16_check.json``; emulated bf16 where the CPU lacks it, so a crop);
-``tests/test_infer_runtime.py`` holds the tolerances of the bf16 backbone that ``predict`` uses.
+``--backbone-check Z`` times the published-size backbone alone in every runtime and precision (PyTorch fp32/bf16,
+ONNX Runtime and OpenVINO fp32, OpenVINO int8), interleaved in one process. ``--bf16-check`` compares the
+DETECTIONS of fp32 and bf16 autocast on a crop around the nodule (``benchmarks/results/predict_bf16_check.json``;
+emulated bf16 where the CPU lacks it, so a crop); ``tests/test_infer_runtime.py`` holds the tolerances of the
+bf16 backbone that ``predict`` uses.
 
     .venv/bin/python benchmarks/predict_speed.py [--quick] [--data PATH] [--demo-weights PATH] [--baseline-src PATH]
     .venv/bin/python benchmarks/predict_speed.py --bf16-check --demo-weights PATH [--crop 96]
@@ -274,7 +276,8 @@ def backbone_check(series: Path, z_slices: int, repeats: int) -> dict[str, Any]:
     from nodulenet.io.scan import read_scan
     from nodulenet.model import NoduleNet, published_config
 
-    image = prepare_input(read_scan(series), load_model(None).prepare_config).image[:z_slices]
+    prepare_config = load_model(None).prepare_config
+    image = prepare_input(read_scan(series), prepare_config).image[:z_slices]
     torch.manual_seed(0)
     model = NoduleNet(published_config()).eval().to(memory_format=torch.channels_last_3d)
     x = model._pad(torch.from_numpy(image).float().sub(128.0).div(128.0)[None, None])
@@ -291,6 +294,19 @@ def backbone_check(series: Path, z_slices: int, repeats: int) -> dict[str, Any]:
         t0 = time.perf_counter()
         runners[f"{runtime} fp32"] = make_backbone(model, runtime, "fp32")
         export_s[runtime] = round(time.perf_counter() - t0, 1)
+    try:
+        __import__("nncf")
+    except ImportError:
+        pass
+    else:  # int8: calibrated here into an empty cache, so the once-per-weights cost is what is recorded
+        with tempfile.TemporaryDirectory(prefix="int8_cache_") as cache:
+            os.environ["NODULENET_CACHE_DIR"] = cache
+            t0 = time.perf_counter()
+            runners["openvino int8"] = make_backbone(model, "openvino", "int8", "cpu", prepare_config)
+            export_s["openvino int8 (calibration + export, once per weights)"] = round(time.perf_counter() - t0, 1)
+            t0 = time.perf_counter()
+            make_backbone(model, "openvino", "int8", "cpu", prepare_config)
+            export_s["openvino int8 (from the cache)"] = round(time.perf_counter() - t0, 1)
     seconds: dict[str, list[float]] = {k: [] for k in runners}
     diff: dict[str, float] = {}
     with torch.inference_mode():
