@@ -28,22 +28,14 @@ from _record import record  # noqa: E402
 REPORTED = 0.5
 
 
-def _dice(a: Any, i: int, b: Any, j: int) -> float | None:
-    if a.masks[i] is None or b.masks[j] is None:
-        return None
-    ka, kb = np.asarray(a.mask_boxes[i]), np.asarray(b.mask_boxes[j])
-    lo, hi = np.minimum(ka[:3], kb[:3]), np.maximum(ka[3:], kb[3:])
-    canvas = []
-    for out, k, box in ((a, i, ka), (b, j, kb)):
-        c = np.zeros(hi - lo, dtype=bool)
-        c[tuple(slice(box[d] - lo[d], box[d + 3] - lo[d]) for d in range(3))] = out.masks[k] > 0.5
-        canvas.append(c)
-    total = canvas[0].sum() + canvas[1].sum()
-    return round(float(2.0 * (canvas[0] & canvas[1]).sum() / total), 4) if total else 1.0
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
 
 
 def compare(ref: Any, new: Any, min_score: float) -> dict[str, Any]:
     """Pairs of each fp32 detection >= min_score with ``new``'s nearest one, and the findings at 0.5."""
+    from nodulenet.infer.network import mask_dice
+
     centres_ref = (ref.boxes[:, :3] + ref.boxes[:, 3:]) / 2.0
     centres_new = (new.boxes[:, :3] + new.boxes[:, 3:]) / 2.0
     pairs = []
@@ -54,7 +46,7 @@ def compare(ref: Any, new: Any, min_score: float) -> dict[str, Any]:
         distance = np.linalg.norm(centres_new - centres_ref[i], axis=1)
         j = int(distance.argmin())
         pairs.append({"fp32_score": round(float(ref.scores[i]), 4), "score": round(float(new.scores[j]), 4),
-                      "centre_mm": round(float(distance[j]), 2), "mask_dice": _dice(ref, int(i), new, j)})
+                      "centre_mm": round(float(distance[j]), 2), "mask_dice": _rounded(mask_dice(ref, int(i), new, j))})
 
     def reported(out: Any) -> list[float]:
         return [round(float(s), 4) for s in out.scores[out.scores >= REPORTED]]
