@@ -1,4 +1,4 @@
-"""What runs the backbone during prediction: PyTorch (fp32 or bf16), ONNX Runtime or OpenVINO.
+"""What runs the backbone during prediction: PyTorch (fp32 or bf16), ONNX Runtime or OpenVINO (fp32 or int8).
 
 The backbone (the 3-D U-Net, ``model.feature_net``) is nearly all of the network's time; the RPN, RCNN and mask
 heads always run in PyTorch fp32 (:meth:`nodulenet.model.NoduleNet.predict` takes the backbone as a callable). The
@@ -11,9 +11,15 @@ jobs, best of 2): PyTorch fp32 (``channels_last_3d``) 29.9 s; ONNX Runtime fp32 
 15.8 s (1.89x); PyTorch bf16 12.2 s (2.44x). ONNX Runtime and OpenVINO give the PyTorch fp32 features to ~1e-6
 relative, bf16 to ~1e-2. Their export runs once per predictor (4 s for ONNX, 17 s for OpenVINO there): for the
 demo-size network (a ~3 s backbone) it costs more than it saves, for the published size it pays off from the first
-scan. ``auto`` is PyTorch fp32 (:func:`.network.resolve_precision`). OpenVINO fp32 gives the same detections as
-PyTorch fp32 (scores within 1e-4, Dice 1.0 on the 7 scans of ``benchmarks/precision_check.py``) but is an optional
-package with a per-predictor export, so it stays an option (``--runtime openvino``, the ``cpu-fast`` extra).
+scan. Measured again in a later session, same command, a different 2-core AVX512-BF16/VNNI EPYC: PyTorch fp32
+15.5 s; ONNX Runtime fp32 17.0 s (0.91x); OpenVINO fp32 14.0 s (1.11x); PyTorch bf16 5.96 s (2.61x); OpenVINO
+int8 4.52 s (3.44x; features within 3.6e-2 relative) - the runtimes' ratios differ from machine to machine, bf16's
+and int8's gains hold.
+
+``auto`` is PyTorch fp32 (:func:`.network.resolve_precision`). OpenVINO fp32 gives the same detections as PyTorch
+fp32 (scores within 1e-4, Dice 1.0 on the 7 scans of ``benchmarks/precision_check.py``) but is an optional package
+with a per-predictor export and only 1.11x on the later machine, so it stays an option (``--runtime openvino``, the
+``cpu-fast`` extra).
 
 ``--precision int8`` runs the backbone quantised by NNCF in OpenVINO (:mod:`.quantize`: calibrated on phantoms once
 per weights, cached on disk); ``auto`` picks OpenVINO for it.
