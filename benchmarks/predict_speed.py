@@ -8,13 +8,15 @@ candidates.csv, label map, DICOM SEG + SR, report.html).
 Variants (``--variants``; default ``demo published published_fp32``):
 
 - ``published``: the default (published-size, 17 M parameter) network, RANDOM-INIT weights: TIMING ONLY, with
-  ``predict``'s defaults (``--precision auto``: the backbone in bf16 where the CPU has native bf16).
+  ``predict``'s defaults (``--precision auto``: fp32, see ``infer/network.resolve_precision``).
   A random network scores about half of its boxes above 0.5, so the default threshold would run the mask head on
   hundreds of meaningless detections; instead a first, untimed detection pass (in its own process, same code and
   precision) finds the score of the 10th best detection and the timed run uses it as ``--threshold``: 10 findings
   with masks, a realistic load.
 - ``published_fp32``: the same in fp32 (today's numerics); ``published_contiguous``: fp32 without
-  ``channels_last_3d``; ``published_onnx`` / ``published_openvino``: the backbone in ONNX Runtime / OpenVINO.
+  ``channels_last_3d``; ``published_onnx`` / ``published_openvino``: the backbone in ONNX Runtime / OpenVINO;
+  ``published_bf16``: the backbone in bf16; ``published_int8``: the backbone in OpenVINO int8 (calibrated once by
+  the untimed pre-pass into the run's own cache folder, read back by the timed run, as a second scan would).
 - ``demo``: the demo-size (quarter-width) network: the shipped/trained demo weights when found (``--demo-weights``,
   else ``src/nodulenet/weights/demo.pt``) at the default threshold 0.5; random-init with the 10-findings rule
   otherwise (timing only; the record says which).
@@ -24,9 +26,11 @@ PATH, default settings, each just before this checkout's run: the before/after r
 changes from minute to minute; the load average is recorded at the start and end of each variant). The CPU flags
 that decide bf16 (``/proc/cpuinfo``, ``torch.backends.cpu.get_cpu_capability()``) are recorded too.
 
-``--bf16-check`` compares the DETECTIONS of fp32 and bf16 autocast on a crop around the nodule
-(``benchmarks/results/predict_bf16_check.json``; emulated bf16 where the CPU lacks it, so a crop);
-``tests/test_infer_runtime.py`` holds the tolerances of the bf16 backbone that ``predict`` uses.
+``--backbone-check Z`` times the published-size backbone alone in every runtime and precision (PyTorch fp32/bf16,
+ONNX Runtime and OpenVINO fp32, OpenVINO int8), interleaved in one process. ``--bf16-check`` compares the
+DETECTIONS of fp32 and bf16 autocast on a crop around the nodule (``benchmarks/results/predict_bf16_check.json``;
+emulated bf16 where the CPU lacks it, so a crop); ``tests/test_infer_runtime.py`` holds the tolerances of the
+bf16 backbone that ``predict`` uses.
 
     .venv/bin/python benchmarks/predict_speed.py [--quick] [--data PATH] [--demo-weights PATH] [--baseline-src PATH]
     .venv/bin/python benchmarks/predict_speed.py --bf16-check --demo-weights PATH [--crop 96]
@@ -75,7 +79,8 @@ def _threshold_for_top_k(predictor: Any, series: Path, k: int) -> float:
 
     prepared = prepare_input(read_scan(series), predictor.loaded.prepare_config)
     out = run_network(predictor.loaded.model, prepared.image, mask_threshold=None,
-                      channels_last=predictor.channels_last)
+                      channels_last=predictor.channels_last, precision=getattr(predictor, "precision", "fp32"),
+                      backbone=getattr(predictor, "backbone", None))
     scores = sorted(out.scores.tolist(), reverse=True)
     return float(scores[min(k, len(scores)) - 1]) if scores else 1.0
 
@@ -190,6 +195,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "published_contiguous": {"channels_last": False, "precision": "fp32"},
     "published_onnx": {"channels_last": True, "runtime": "onnx"},
     "published_openvino": {"channels_last": True, "runtime": "openvino"},
+    "published_bf16": {"channels_last": True, "precision": "bf16"},
+    # int8: calibrated by the untimed pre-pass into the run's cache folder; the timed run reads it back.
+    "published_int8": {"channels_last": True, "precision": "int8"},
 }
 
 
@@ -274,7 +282,8 @@ def backbone_check(series: Path, z_slices: int, repeats: int) -> dict[str, Any]:
     from nodulenet.io.scan import read_scan
     from nodulenet.model import NoduleNet, published_config
 
-    image = prepare_input(read_scan(series), load_model(None).prepare_config).image[:z_slices]
+    prepare_config = load_model(None).prepare_config
+    image = prepare_input(read_scan(series), prepare_config).image[:z_slices]
     torch.manual_seed(0)
     model = NoduleNet(published_config()).eval().to(memory_format=torch.channels_last_3d)
     x = model._pad(torch.from_numpy(image).float().sub(128.0).div(128.0)[None, None])
@@ -291,6 +300,19 @@ def backbone_check(series: Path, z_slices: int, repeats: int) -> dict[str, Any]:
         t0 = time.perf_counter()
         runners[f"{runtime} fp32"] = make_backbone(model, runtime, "fp32")
         export_s[runtime] = round(time.perf_counter() - t0, 1)
+    try:
+        __import__("nncf")
+    except ImportError:
+        pass
+    else:  # int8: calibrated here into an empty cache, so the once-per-weights cost is what is recorded
+        with tempfile.TemporaryDirectory(prefix="int8_cache_") as cache:
+            os.environ["NODULENET_CACHE_DIR"] = cache
+            t0 = time.perf_counter()
+            runners["openvino int8"] = make_backbone(model, "openvino", "int8", "cpu", prepare_config)
+            export_s["openvino int8 (calibration + export, once per weights)"] = round(time.perf_counter() - t0, 1)
+            t0 = time.perf_counter()
+            make_backbone(model, "openvino", "int8", "cpu", prepare_config)
+            export_s["openvino int8 (from the cache)"] = round(time.perf_counter() - t0, 1)
     seconds: dict[str, list[float]] = {k: [] for k in runners}
     diff: dict[str, float] = {}
     with torch.inference_mode():
@@ -390,6 +412,7 @@ def main() -> None:
             specs.append((name, baseline))
         specs.append((name, spec))
     with tempfile.TemporaryDirectory(prefix="predict_speed_") as tmp:
+        os.environ["NODULENET_CACHE_DIR"] = str(Path(tmp) / "cache")  # int8: this run's own calibration
         for name, spec in specs:
             if name.startswith("published") or not demo:
                 spec["threshold"] = _in_child(context, _pre_pass, spec, str(series), tmp, demo)

@@ -58,7 +58,8 @@ class PredictOptions:
     device: str = "cpu"
     threshold: float = 0.5  # detections scoring at least this become findings (with masks)
     max_memory_gb: float | None = None  # CPU: limit for the whole process; CUDA: for the network on the GPU
-    precision: str = "auto"  # "auto" (= fp32: bf16 changes detections, infer/network.resolve_precision), "fp32", "bf16"
+    precision: str = "auto"  # "auto" (= fp32: bf16 changes detections, infer/network.resolve_precision), "fp32", "bf16",
+    # "int8" (the backbone quantised in OpenVINO, infer/quantize.py)
     runtime: str = "auto"  # what runs the backbone: "auto" (= torch), "torch", "onnx" or "openvino"
     label_format: str = "nii.gz"
     dicom_outputs: bool = True  # DICOM SEG + SR for DICOM input
@@ -189,7 +190,8 @@ class Predictor:
         else:
             self.precision = resolve_precision(self.options.precision, self.options.device)
         self.runtime = resolve_runtime(self.options.runtime, self.options.device, self.precision)
-        self.backbone = make_backbone(self.loaded.model, self.runtime, self.precision, self.options.device)
+        self.backbone = make_backbone(self.loaded.model, self.runtime, self.precision, self.options.device,
+                                      self.loaded.prepare_config)
         self.channels_last = (self.options.channels_last if self.options.channels_last is not None
                               else not self.options.device.startswith("cuda"))
         for note in self.loaded.notes:

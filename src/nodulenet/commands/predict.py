@@ -158,8 +158,10 @@ def predict_cmd(
     max_memory: Optional[float] = typer.Option(None, "--max-memory", help="Memory limit in GB; a scan that would "
                                                                           "not fit runs in overlapping tiles."),
     precision: str = typer.Option("auto", "--precision", help="fp32, bf16 (the backbone in bf16, about 2x faster; "
-                                                              "needs native bf16; scores move by up to 0.05) or "
-                                                              "auto (= fp32)."),
+                                                              "needs native bf16; scores move by up to 0.05), int8 "
+                                                              "(the backbone quantised in OpenVINO, calibrated on "
+                                                              "phantoms once per weights and cached) or auto "
+                                                              "(= fp32)."),
     runtime: str = typer.Option("auto", "--runtime", help="What runs the backbone: torch, onnx (ONNX Runtime), "
                                                           "openvino, or auto (= torch; the other two export the "
                                                           "backbone first and pay off on cohorts)."),

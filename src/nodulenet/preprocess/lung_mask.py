@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import cc3d
+import edt
 import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage as ndi
@@ -365,20 +366,21 @@ def _split_fused_lungs(
     zc, yc, xc = (n // factor for n in padded.shape)
     coarse = padded.reshape(zc, factor, yc, factor, xc, factor).any(axis=(1, 3, 5))
     coarse_spacing = spacing * factor
-    depth = ndi.distance_transform_edt(coarse, sampling=coarse_spacing)
+    # The edt package (exact Euclidean distances, the cc3d authors') instead of scipy's distance_transform_edt,
+    # whose feature transform was ~2 s of the ~4 s separation on LIDC-IDRI-0001: the same lungs on both real
+    # scans (Dice 1.0; tests/test_preprocess_lung_mask.py), the split step half as long.
+    sampling = tuple(float(s) for s in coarse_spacing)
+    depth = edt.edt(coarse, anisotropy=sampling, black_border=False)
     step_mm = float(coarse_spacing.min())  # one coarse voxel per step; the split depth need not be exact
     for erosion_mm in np.arange(step_mm, cfg.separation_max_erosion_mm + 1e-9, step_mm):
         cores, sizes, order = _components_by_size(depth > erosion_mm)
         if sizes[order[0]] == 0:
             break
         if sizes[order[1]] > 0 and sizes[order[1]] >= cfg.second_lung_min_ratio * sizes[order[0]]:
-            two = np.zeros(cores.shape, dtype=np.uint8)
-            two[cores == order[0]] = 1
-            two[cores == order[1]] = 2
-            nearest = ndi.distance_transform_edt(
-                two == 0, sampling=coarse_spacing, return_distances=False, return_indices=True
-            )
-            coarse_labels = two[tuple(nearest)] * coarse
+            # Every voxel to its nearest core (the first core on a tie).
+            to_first = edt.edt(cores != order[0], anisotropy=sampling, black_border=False)
+            to_second = edt.edt(cores != order[1], anisotropy=sampling, black_border=False)
+            coarse_labels = np.where(to_first <= to_second, 1, 2).astype(np.uint8) * coarse
             fine = np.repeat(np.repeat(np.repeat(coarse_labels, factor, 0), factor, 1), factor, 2)
             fine = fine[: mask.shape[0], : mask.shape[1], : mask.shape[2]] * mask
             return fine.astype(np.uint8), float(erosion_mm)
