@@ -106,6 +106,14 @@ class PreparedCase:
                 return True
         return False
 
+    def excluded_centres_zyx(self) -> tuple[np.ndarray, np.ndarray]:
+        """The excluded findings on the prepared grid: centres ``[K, 3]`` (zyx voxel index, fractional) and
+        diameters ``[K]`` in mm (10 mm when unknown, as :meth:`within_excluded`)."""
+        centres = np.asarray([e["center_world_xyz_mm"] for e in self.excluded_nodules], dtype=np.float64)
+        diameters = np.asarray([e["diameter_mm"] if e["diameter_mm"] and e["diameter_mm"] > 0
+                                else EXCLUDED_DEFAULT_DIAMETER_MM for e in self.excluded_nodules], dtype=np.float64)
+        return self.geometry.world_to_voxel(centres.reshape(-1, 3)).reshape(-1, 3), diameters
+
     @property
     def image(self) -> np.ndarray:
         """The uint8 image as a read-only memory map, opened on first use in this process."""
