@@ -66,23 +66,36 @@ def operating_point_of(weights: Path | None, cases_root: Path, fp_per_scan: floa
 
 
 def heldout(weights: Path | None, seeds: range, out: Path) -> dict[str, Any]:
-    from nodulenet.evaluate.froc import compute_froc, read_candidates_csv, read_findings_csv, read_seriesuids_csv
+    from nodulenet.evaluate.froc import (
+        compute_froc,
+        read_candidates_csv,
+        read_findings_csv,
+        read_seriesuids_csv,
+    )
     from nodulenet.heldout import evaluate_on_heldout_phantoms
 
     result = evaluate_on_heldout_phantoms(out, list(seeds), weights=weights, threads=1)
     candidates = read_candidates_csv(out / "candidates.csv")
     at_half = compute_froc([c for c in candidates if c.probability >= 0.5], read_findings_csv(out / "annotations.csv"),
                            [], read_seriesuids_csv(out / "seriesuids.csv"), n_bootstrap=0)
+    froc = json.loads((out / "froc.json").read_text())
     return {"cpm": round(result.cpm, 4), "n_nodules": result.n_nodules, "hits_at_0.05": result.n_hits,
             "fps_at_0.05": result.n_false_positives, "hits_at_0.5": at_half.n_hits,
             "fps_at_0.5": at_half.n_false_positives, "sensitivities_at": result.sensitivities_at,
-            "failed": result.failed}
+            "failed": result.failed,
+            # What benchmarks/demo_model_quality.py records for the same phantoms (the model card reads it).
+            "quality_record": {"weights": str(weights or "shipped demo model"), "ground_glass": "classic",
+                               **result.to_dict(), "cpm_ci95": froc.get("cpm_ci"), "threads": 1, "target_cpm": 0.90}}
 
 
 def lidc(weights: Path | None, lidc_root: Path, luna_root: Path, out: Path) -> dict[str, Any]:
     """``nodulenet predict`` (threshold 0.05) on the two real scans; findings at 0.5 scored with LUNA16's rules
     against its annotations.csv (hits) and annotations_excluded.csv (neither hit nor false positive)."""
-    from nodulenet.evaluate.froc import FrocCandidate, match_candidates, read_findings_csv
+    from nodulenet.evaluate.froc import (
+        FrocCandidate,
+        match_candidates,
+        read_findings_csv,
+    )
     from nodulenet.infer.cohort import Shard
     from nodulenet.predict_api import PredictOptions, Predictor, predict_scans
 
@@ -136,6 +149,9 @@ def main() -> None:
     parser.add_argument("--luna", type=Path, required=True, help="the LUNA16 CSVs (annotations*.csv)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--name", default="demo_finetune_compare")
+    parser.add_argument("--write-ship-records", action="store_true",
+                        help="when the after model passes, also record its held-out figures as demo_model_quality"
+                             "(_2000).json, the records the model card is written from")
     args = parser.parse_args()
     import torch
 
@@ -158,8 +174,14 @@ def main() -> None:
     }
     verdict = {"ship": all(passes.values()), "checks": passes, "real_fps_at_0.5_before_after": [fps_before, fps_after]}
     print(json.dumps(verdict), flush=True)
+    records = {(name, key): figures[f"heldout_{key}"].pop("quality_record")
+               for name, figures in (("before", before), ("after", after)) for key in HELDOUT_SETS}
     record(args.name, {"before": before, "after": after, "verdict": verdict, "ship_min_cpm": SHIP_MIN_CPM,
                        "calibration_cases": str(args.calibrate_cases), "fp_per_scan": args.fp_per_scan})
+    if verdict["ship"] and args.write_ship_records:
+        # The card's held-out lines for the model about to ship (scripts/ship_demo_model.py ship --heldout ...).
+        record("demo_model_quality", records[("after", "1000")])
+        record("demo_model_quality_2000", records[("after", "2000")])
 
 
 if __name__ == "__main__":
