@@ -100,11 +100,20 @@ class PreparedCase:
         if not self.excluded_nodules:
             return False
         point_world = self.geometry.voxel_to_world(np.asarray(point_zyx, dtype=np.float64))
-        for e in self.excluded_nodules:
-            diameter = e["diameter_mm"] if e["diameter_mm"] and e["diameter_mm"] > 0 else EXCLUDED_DEFAULT_DIAMETER_MM
-            if float(np.linalg.norm(point_world - np.asarray(e["center_world_xyz_mm"]))) < diameter / 2.0:
-                return True
-        return False
+        distances = np.linalg.norm(self._excluded_world_xyz() - point_world, axis=1)
+        return bool(np.any(distances < self._excluded_diameters_mm() / 2.0))
+
+    def _excluded_world_xyz(self) -> np.ndarray:
+        return np.asarray([e["center_world_xyz_mm"] for e in self.excluded_nodules], dtype=np.float64).reshape(-1, 3)
+
+    def _excluded_diameters_mm(self) -> np.ndarray:
+        return np.asarray([e["diameter_mm"] if e["diameter_mm"] and e["diameter_mm"] > 0
+                           else EXCLUDED_DEFAULT_DIAMETER_MM for e in self.excluded_nodules], dtype=np.float64)
+
+    def excluded_centres_zyx(self) -> tuple[np.ndarray, np.ndarray]:
+        """The excluded findings on the prepared grid: centres ``[K, 3]`` (zyx voxel index, fractional) and
+        diameters ``[K]`` in mm (10 mm when unknown, as :meth:`within_excluded`)."""
+        return self.geometry.world_to_voxel(self._excluded_world_xyz()).reshape(-1, 3), self._excluded_diameters_mm()
 
     @property
     def image(self) -> np.ndarray:

@@ -13,7 +13,7 @@ uninterrupted run would have seen, with any number of loader workers.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -96,6 +96,7 @@ class CropBatch:
     case_ids: list[str]
     kinds: list[str]
     infos: list[dict[str, Any]]
+    ignore_boxes: list[torch.Tensor] = field(default_factory=list)  # per image [K, 6]: excluded findings
 
     def pin_memory(self) -> CropBatch:
         self.images = self.images.pin_memory()
@@ -114,6 +115,7 @@ def collate_crops(samples: Sequence[CropSample]) -> CropBatch:
         case_ids=[s.case_id for s in samples],
         kinds=[s.kind for s in samples],
         infos=[s.info for s in samples],
+        ignore_boxes=[torch.from_numpy(s.ignore_boxes) for s in samples],
     )
 
 

@@ -13,7 +13,10 @@ IGNORED, as LUNA16's scoring ignores them: they are never a positive (they are n
 negative is anchored on one: a lung, random or hard-negative anchor within an excluded finding's radius
 (:meth:`PreparedCase.within_excluded`) is drawn again (up to :data:`EXCLUDED_REDRAWS` times, then the crop falls
 back to a random one that also keeps clear), so a faint ground-glass nodule the readers disagreed on is not taught
-as background at the centre of a crop.
+as background at the centre of a crop. An excluded finding that reaches into a crop anyway (next to a nodule, at
+the edge of a negative crop) comes with the crop as an IGNORE BOX (:func:`excluded_boxes`, moved by the same flips,
+rotations and zoom as the image): the training targets neither take it as positive nor as negative there
+(:mod:`nodulenet.model.targets`).
 
 Placement: the crop's ANCHOR - a nodule's centre, a lung point or a mined false positive - is put at a random
 place at least ``positive_margin_voxels`` (published ``bound_size = 12``) inside the crop, counting the anchor's
@@ -31,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from .augment import (
+    CropTransform,
     Orientation,
     augment_intensity,
     box_from_mask,
@@ -83,6 +87,8 @@ class CropSample:
     case_id: str
     kind: str
     info: dict[str, Any] = field(default_factory=dict)
+    # float32 [K, 6]: the excluded findings that reach into the crop, boxed as the nodules are (ignored in training).
+    ignore_boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 6), dtype=np.float32))
 
 
 def split_counts(total: int, fractions: dict[str, float]) -> dict[str, int]:
@@ -159,6 +165,26 @@ def _negative_anchor(case: PreparedCase, kind: str, rng: np.random.Generator, si
                      f"{EXCLUDED_REDRAWS} draws")
 
 
+def excluded_boxes(case: PreparedCase, transform: CropTransform, scale: float, border_voxels: float) -> np.ndarray:
+    """Boxes (crop voxels, float32 ``[K, 6]``) of the case's excluded findings that reach into the crop.
+
+    Each is the box a nodule mask of the finding's size would get (:func:`box_from_mask`): a cube of the diameter
+    (times the crop's zoom ``scale``; a sphere stays a sphere under the crop's rotations), grown by
+    ``border_voxels / 2`` on every side, around the finding's centre moved by ``transform``. As for mask boxes, box
+    coordinate = voxel index + 0.5 (a mask whose voxels are ``o .. o + n - 1`` has the box ``o .. o + n``).
+    """
+    if not case.excluded_nodules:
+        return np.zeros((0, 6), dtype=np.float32)
+    centres_src, diameters_mm = case.excluded_centres_zyx()
+    centres = transform.to_output(centres_src) + 0.5
+    # The prepared grid is isotropic (1 mm by default): one voxel size converts the diameter.
+    half = scale * diameters_mm[:, None] / (2.0 * float(np.mean(case.geometry.spacing_zyx))) + border_voxels / 2.0
+    boxes = np.concatenate([centres - half, centres + half], axis=1)
+    size = np.asarray(transform.out_shape, dtype=np.float64)
+    inside = np.all((boxes[:, 3:] > 0) & (boxes[:, :3] < size), axis=1)
+    return boxes[inside].astype(np.float32).reshape(-1, 6)
+
+
 def _anchor_position(rng: np.random.Generator, size: np.ndarray, half_extent: np.ndarray, margin: float) -> np.ndarray:
     """Output position of an anchor: uniform where it stays ``margin`` inside the crop, else the middle."""
     lo = margin + half_extent - 0.5
@@ -225,6 +251,7 @@ def make_crop(case: PreparedCase, spec: CropSpec, crop: CropConfig, aug: Augment
         nodule_ids=ids,
         case_id=case.case_id,
         kind=spec.kind,
+        ignore_boxes=excluded_boxes(case, transform, orientation.scale, crop.box_border_voxels),
         # anchor_kind: what the anchor really is (a hard negative on an excluded finding becomes a lung anchor).
         info={"orientation": orientation.to_dict(), "anchor_kind": kind,
               "anchor_zyx": [round(float(v), 3) for v in anchor],

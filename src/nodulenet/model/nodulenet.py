@@ -59,11 +59,13 @@ STAGES = ("rpn", "rcnn", "mask")
 
 @dataclass
 class NoduleTargets:
-    """Ground truth of one image (see the module docstring)."""
+    """Ground truth of one image (see the module docstring). ``ignore_boxes [K, 6]``: findings that are neither
+    nodule nor background (excluded findings, see :mod:`nodulenet.model.targets`); ``None`` or empty: none."""
 
     gt_boxes: Tensor
     gt_masks: list[Tensor] | None = None
     gt_mask_origins: Tensor | None = None
+    ignore_boxes: Tensor | None = None
 
 
 @dataclass
@@ -309,8 +311,13 @@ class NoduleNet(nn.Module):
         cfg = self.config
         device = rpn_out.logits.device
         gt, gt_valid = pad_gt_boxes([t.gt_boxes for t in targets], device)
+        ignore = ignore_valid = None
+        if any(t.ignore_boxes is not None and t.ignore_boxes.shape[0] for t in targets):  # shapes: no device read
+            ignore, ignore_valid = pad_gt_boxes([t.ignore_boxes if t.ignore_boxes is not None else gt.new_zeros((0, 6))
+                                                 for t in targets], device)
         rpn_targets = assign_rpn_targets_batched(rpn_out.anchors, gt, gt_valid, pos_iou=cfg.rpn_pos_iou,
-                                                 neg_iou=cfg.rpn_neg_iou, box_coder=self.box_coder)
+                                                 neg_iou=cfg.rpn_neg_iou, box_coder=self.box_coder,
+                                                 ignore_boxes=ignore, ignore_valid=ignore_valid)
         # With focal loss the loss itself down-weights easy negatives, so hard-negative mining is switched off.
         labels = sample_rpn_anchors(rpn_targets.labels, rpn_out.logits, num_neg=cfg.rpn_num_neg,
                                     num_hard=0 if cfg.focal_loss else cfg.rpn_num_hard, generator=generator)
@@ -324,7 +331,7 @@ class NoduleNet(nn.Module):
             sampled = sample_rcnn_batched(proposals.boxes, proposals.valid, gt, gt_valid, keys,
                                           fg_iou=cfg.rcnn_fg_iou, bg_iou=cfg.rcnn_bg_iou,
                                           batch_size=cfg.rcnn_batch_size, fg_fraction=cfg.rcnn_fg_fraction,
-                                          box_coder=self.box_coder)
+                                          box_coder=self.box_coder, ignore_boxes=ignore, ignore_valid=ignore_valid)
             logits, deltas = self._rcnn_forward_batched(features, sampled.proposals)
             flat = RcnnTargets(sampled.proposals.reshape(-1, 6), sampled.labels.flatten(),
                                sampled.deltas.reshape(-1, 6), sampled.matched_gt.flatten())

@@ -24,6 +24,17 @@ RCNN (``make_one_rcnn_target``)
   * 64 per crop, up to round(0.5 * 64) = 32 foreground drawn without replacement; background fills the
     rest and is drawn WITH replacement when there are too few (duplicates), as published. Foreground
     first, then background.
+
+Ignore boxes (not published; the batched forms' optional ``ignore_boxes``): findings that must be neither taught as
+nodules nor as background - LIDC nodules marked by fewer readers than the consensus, LUNA16's
+annotations_excluded.csv, which LUNA16's scoring ignores too. An anchor or proposal is NEAR an ignore box
+(:func:`near_ignore_boxes`) when its centre lies inside it OR its IoU with it reaches the threshold below which it
+would be background next to a real nodule (``neg_iou`` for the RPN, ``bg_iou`` for the RCNN). Both parts are
+needed: IoU alone misses the small anchors inside a large finding (a 10 mm anchor centred in a 30 mm ground-glass
+nodule has IoU 0.04, a 5 mm one 0.005, both "background" by IoU), the centre alone misses large anchors that cover
+most of it from outside. A near RPN anchor that would be negative is ignored instead (so it is never a hard
+negative either); positives (of a real nodule) stay positive. A near RCNN candidate is never drawn as background;
+foreground is unchanged. The mask loss does not look at ignore boxes.
 """
 
 from __future__ import annotations
@@ -49,6 +60,7 @@ __all__ = [
     "RcnnSampleKeys",
     "draw_rcnn_keys",
     "sample_rcnn_batched",
+    "near_ignore_boxes",
 ]
 
 LABEL_POSITIVE = 1
@@ -337,6 +349,18 @@ def pad_gt_boxes(gt_boxes: Sequence[Tensor], device: torch.device) -> tuple[Tens
 
 
 @torch.no_grad()
+def near_ignore_boxes(boxes: Tensor, ignore_boxes: Tensor, ignore_valid: Tensor, min_iou: float) -> Tensor:
+    """``[B, N]`` True where box ``boxes[b, n]`` (``[B, N, 6]``) has its centre inside a valid ignore box of image
+    ``b`` (``ignore_boxes [B, K, 6]`` + ``ignore_valid [B, K]``, padded as :func:`pad_gt_boxes`) or an IoU of at
+    least ``min_iou`` with one (see the module doc). One batched computation: no loop, no host read-back."""
+    ignore = ignore_boxes.float()
+    centres = (boxes[..., :3] + boxes[..., 3:]).float()[:, :, None, :] / 2.0  # [B, N, 1, 3]
+    inside = ((centres >= ignore[:, None, :, :3]) & (centres < ignore[:, None, :, 3:])).all(dim=3)  # [B, N, K]
+    near = inside | (box_iou_batched(boxes.float(), ignore) >= min_iou)
+    return (near & ignore_valid[:, None, :]).any(dim=2)
+
+
+@torch.no_grad()
 def assign_rpn_targets_batched(
     anchors: Tensor,
     gt_boxes: Tensor,
@@ -345,9 +369,14 @@ def assign_rpn_targets_batched(
     pos_iou: float = 0.5,
     neg_iou: float = 0.02,
     box_coder: BoxCoder | None = None,
+    ignore_boxes: Tensor | None = None,
+    ignore_valid: Tensor | None = None,
 ) -> RpnTargets:
     """:func:`assign_rpn_targets` (with ``allow_low_quality``) for a whole batch: ``anchors [A, 6]``, padded
-    ``gt_boxes [B, G, 6]`` + ``gt_valid [B, G]`` -> ``[B, A]`` / ``[B, A, 6]`` targets, identical per image."""
+    ``gt_boxes [B, G, 6]`` + ``gt_valid [B, G]`` -> ``[B, A]`` / ``[B, A, 6]`` targets, identical per image.
+
+    With padded ``ignore_boxes [B, K, 6]`` + ``ignore_valid [B, K]``, a would-be negative near one is ignored
+    (module doc)."""
     coder = box_coder or BoxCoder()
     b, g = gt_valid.shape
     gt = torch.where(gt_valid[..., None], gt_boxes.float(), torch.zeros_like(gt_boxes, dtype=torch.float32))
@@ -362,7 +391,10 @@ def assign_rpn_targets_batched(
     matched = torch.where(low_quality >= 0, low_quality, torch.where(positive, best_gt, -1))
     positive |= low_quality >= 0
     labels = torch.full(best_iou.shape, LABEL_IGNORE, dtype=torch.int8, device=iou.device)
-    labels.masked_fill_(best_iou < neg_iou, LABEL_NEGATIVE).masked_fill_(positive, LABEL_POSITIVE)
+    negative = best_iou < neg_iou
+    if ignore_boxes is not None and ignore_valid is not None:
+        negative &= ~near_ignore_boxes(anchors[None].expand(b, -1, -1), ignore_boxes, ignore_valid, neg_iou)
+    labels.masked_fill_(negative, LABEL_NEGATIVE).masked_fill_(positive, LABEL_POSITIVE)
     target = gt.gather(1, matched.clamp(min=0)[..., None].expand(-1, -1, 6))
     deltas = coder.encode(anchors.repeat(b, 1), target.reshape(-1, 6)).float().view(b, -1, 6)
     deltas = torch.where(positive[..., None], deltas, torch.zeros_like(deltas))
@@ -409,6 +441,8 @@ def sample_rcnn_batched(
     batch_size: int = 64,
     fg_fraction: float = 0.5,
     box_coder: BoxCoder | None = None,
+    ignore_boxes: Tensor | None = None,
+    ignore_valid: Tensor | None = None,
 ) -> BatchedRcnnTargets:
     """The rules of :func:`assign_rcnn_targets` (ground truth appended to the proposals, class 1, background with
     replacement when short) for every image at once, drawing from ``keys`` instead of a per-image ``randperm``.
@@ -416,28 +450,33 @@ def sample_rcnn_batched(
     ``proposals [B, P, 6]`` + ``proposal_valid [B, P]`` (valid ones first), padded ``gt_boxes [B, G, 6]`` +
     ``gt_valid``. Candidates are the P proposal slots then the G ground-truth slots (``keys`` are ``[B, P + G]``).
     Returns ``batch_size`` slots per image: foreground (at most ``round(fg_fraction * batch_size)``, largest
-    ``keys.fg`` first) then background; slots past an image's sample are ``valid = False``.
+    ``keys.fg`` first) then background; slots past an image's sample are ``valid = False``. With padded
+    ``ignore_boxes [B, K, 6]`` + ``ignore_valid [B, K]``, no candidate near one is drawn as background (module doc).
     """
     coder = box_coder or BoxCoder()
     b, p = proposal_valid.shape
     slots = batch_size
     candidates = torch.cat((proposals.detach().float(), gt_boxes.float()), dim=1)  # [B, M, 6]
     valid = torch.cat((proposal_valid, gt_valid), dim=1)
+    may_be_bg = valid  # candidates background may be drawn from
+    if ignore_boxes is not None and ignore_valid is not None:
+        may_be_bg = valid & ~near_ignore_boxes(candidates, ignore_boxes, ignore_valid, bg_iou)
     iou = box_iou_batched(candidates, gt_boxes.float())
     iou = torch.where(gt_valid[:, None, :], iou, torch.full_like(iou, -1.0))
     best_iou, best_gt = iou.max(dim=2)
     has_gt = gt_valid.any(dim=1, keepdim=True)  # [B, 1]
     fg_pool = valid & has_gt & (best_iou >= fg_iou)
-    bg_pool = valid & has_gt & (best_iou < bg_iou)
+    bg_pool = may_be_bg & has_gt & (best_iou < bg_iou)
     max_fg = int(round(fg_fraction * batch_size))
     n_fg = torch.clamp(fg_pool.sum(dim=1, keepdim=True), max=max_fg)
     n_bg_pool = bg_pool.sum(dim=1, keepdim=True)
-    n_valid = valid.sum(dim=1, keepdim=True)
+    n_valid = may_be_bg.sum(dim=1, keepdim=True)  # all valid candidates without ignore boxes
     # Which pool the background comes from, how many, and whether with replacement (published cases).
     neither = (n_fg == 0) & (n_bg_pool == 0)
-    pool = torch.where(has_gt & ~neither, bg_pool, valid)
+    pool = torch.where(has_gt & ~neither, bg_pool, may_be_bg)
     n_pool = torch.where(has_gt & ~neither, n_bg_pool, n_valid)
-    n_bg = torch.where(has_gt, torch.where(neither, slots, torch.where(n_fg > 0, slots - n_fg, slots) * (n_bg_pool > 0)),
+    n_bg = torch.where(has_gt, torch.where(neither, slots * (n_valid > 0),
+                                           torch.where(n_fg > 0, slots - n_fg, slots) * (n_bg_pool > 0)),
                        torch.clamp(n_valid, max=slots))
     replace = has_gt & (n_bg > n_pool)
 

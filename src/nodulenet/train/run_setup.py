@@ -99,8 +99,10 @@ def resolve_amp(mode: str, device: torch.device) -> tuple[torch.dtype | None, bo
 
 
 def to_targets(batch: CropBatch, device: torch.device) -> list[NoduleTargets]:
-    return [NoduleTargets(b.to(device), [m.to(device) for m in masks], o.to(device))
-            for b, masks, o in zip(batch.boxes, batch.masks, batch.mask_origins)]
+    ignore = batch.ignore_boxes or [None] * len(batch.boxes)
+    return [NoduleTargets(b.to(device), [m.to(device) for m in masks], o.to(device),
+                          None if g is None else g.to(device))
+            for b, masks, o, g in zip(batch.boxes, batch.masks, batch.mask_origins, ignore)]
 
 
 def step_generator(seed: int, global_step: int, rank: int) -> torch.Generator:
