@@ -113,9 +113,15 @@ def test_no_host_sync_in_the_rpn_and_rcnn_step() -> None:
     assert sum(e.count for e in prof.key_averages() if e.key == "aten::_local_scalar_dense") > 0
 
 
-@pytest.mark.parametrize("n", [300, 2000])  # survival-matrix path and per-round IoU path
-def test_batched_nms_equals_nms_3d_per_image(n: int) -> None:
+# The survival-matrix path (whole, and built in many row chunks) and the per-round IoU path.
+@pytest.mark.parametrize("n, matrix_limit, chunk", [(300, 1 << 28, 1 << 24), (2000, 1 << 28, 1 << 16), (2000, 0, 0)])
+def test_batched_nms_equals_nms_3d_per_image(n: int, matrix_limit: int, chunk: int,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from nodulenet.model import box_ops
     from nodulenet.model.box_ops import nms_3d, nms_batched_top_k
+
+    monkeypatch.setattr(box_ops, "_NMS_MATRIX_ELEMENTS", matrix_limit)
+    monkeypatch.setattr(box_ops, "_NMS_MATRIX_CHUNK", chunk)
 
     gen = torch.Generator().manual_seed(n)
     b = 3

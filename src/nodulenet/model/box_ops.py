@@ -270,8 +270,10 @@ def remove_small_boxes(boxes: Tensor, min_size: float) -> Tensor:
     return torch.nonzero((sizes >= min_size).all(dim=1)).squeeze(1)
 
 
-# Largest [B, N, N] survival matrix nms_batched_top_k precomputes (bytes ~ 5x this); above it, IoUs per round.
-_NMS_MATRIX_ELEMENTS = 1 << 23
+# Largest [B, N, N] survival matrix nms_batched_top_k precomputes (1 byte each, built in row chunks of
+# _NMS_MATRIX_CHUNK pairs); above it, IoUs per round. With the matrix a round is ~8 tensor calls, without it ~40.
+_NMS_MATRIX_ELEMENTS = 1 << 28
+_NMS_MATRIX_CHUNK = 1 << 24
 
 
 def box_iou_batched(boxes_a: Tensor, boxes_b: Tensor) -> Tensor:
@@ -292,10 +294,13 @@ def nms_batched_top_k(boxes: Tensor, valid: Tensor, iou_threshold: float, k: int
     """Greedy NMS of every image of a batch at once, with static shapes: the first ``k`` kept boxes.
 
     ``boxes [B, N, 6]`` zyxzyx, ALREADY SORTED by decreasing score (equal scores in the order wanted), ``valid
-    [B, N]`` marks real candidates. Returns ``index [B, k]`` (positions in ``boxes``) and ``kept [B, k]`` (False
+    [B, N]`` marks real candidates, which come first in each image (as sorting by score with padding at -1 puts
+    them). Returns ``index [B, k]`` (positions in ``boxes``) and ``kept [B, k]`` (False
     for slots after an image's last kept box), the same boxes in the same order as :func:`nms_3d` truncated to
     ``k`` (suppression when IoU > threshold). Cost: ``k`` rounds of a few ``[B, N]`` ops - the greedy rule is
-    sequential in the kept boxes - and never a host round trip, so a GPU runs it without waiting.
+    sequential in the kept boxes, and an exact greedy NMS cannot stop early without reading a value back - and
+    never a host round trip, so a GPU runs it without waiting. While ``B * N * N`` fits ``_NMS_MATRIX_ELEMENTS``
+    the pairwise survival matrix is built once and a round is 3 tensor calls (pick, gather a row, AND).
     """
     b, n = valid.shape
     dtype = _compute_dtype(boxes)
@@ -305,36 +310,46 @@ def nms_batched_top_k(boxes: Tensor, valid: Tensor, iou_threshold: float, k: int
     flat = boxes.detach().to(dtype).reshape(b * n, 6)
     lo, hi = flat[:, :3].reshape(b, n, 3), flat[:, 3:].reshape(b, n, 3)
     scaled_volume = (hi - lo).clamp(min=0).prod(dim=2) * iou_threshold  # t * volume, [B, N]
-    alive = valid.to(dtype)
-    offsets = torch.arange(b, device=boxes.device) * n
-    picks, kept = [], []
+    image = torch.arange(b, device=boxes.device)
+    rounds = min(k, n)
+    picks = []
     if b * n * n <= _NMS_MATRIX_ELEMENTS:
-        # Small enough for the whole survival matrix: then a round is 5 ops (pick, record, 2 to fetch, 1 to apply).
-        inter = (torch.minimum(hi[:, :, None], hi[:, None]) - torch.maximum(lo[:, :, None], lo[:, None])).clamp_(
-            min=0).prod(dim=3)
-        # IoU > t  <=>  inter * (1 + t) > t * (v_a + v_b)  (see _overlap_exceeds); a box always removes itself.
-        survives = inter.mul_(1.0 + iou_threshold) <= scaled_volume[:, :, None] + scaled_volume[:, None]
-        survives &= ~torch.eye(n, dtype=torch.bool, device=boxes.device)
-        rows = survives.to(dtype).view(b * n, n)
-        for _ in range(min(k, n)):
+        # The whole survival matrix (uint8: argmax takes no bool), in row chunks that bound the float temporaries;
+        # then a round is a pick and one row gather + AND, and whether a round kept a box is read off the picks
+        # at the end: the first pick is kept iff the best box is valid, a later one iff it is not position 0
+        # (position 0 is the first pick; argmax of an all-dead row returns 0).
+        survives = torch.empty((b, n, n), dtype=torch.uint8, device=boxes.device)
+        rows = max(1, _NMS_MATRIX_CHUNK // (b * n))
+        for r0 in range(0, n, rows):
+            r1 = min(n, r0 + rows)
+            inter = (torch.minimum(hi[:, r0:r1, None], hi[:, None]) - torch.maximum(lo[:, r0:r1, None], lo[:, None])
+                     ).clamp_(min=0).prod(dim=3)
+            # IoU > t  <=>  inter * (1 + t) > t * (v_a + v_b)  (see _overlap_exceeds).
+            torch.le(inter.mul_(1.0 + iou_threshold), scaled_volume[:, r0:r1, None] + scaled_volume[:, None],
+                     out=survives[:, r0:r1])
+        survives.diagonal(dim1=1, dim2=2).zero_()  # a box always removes itself, zero-volume ones included
+        alive = valid.to(torch.uint8)
+        for _ in range(rounds):
             pick = alive.argmax(dim=1)  # first alive = highest remaining score
             picks.append(pick)
-            kept.append(alive.amax(dim=1))
-            alive.mul_(rows.index_select(0, pick + offsets))
+            alive.bitwise_and_(survives[image, pick])
+        index = torch.stack(picks, dim=1)
+        keep = torch.cat((valid[:, :1], index[:, 1:] > 0), dim=1)
     else:
-        flat_info = torch.cat((flat, scaled_volume.reshape(-1, 1)), dim=1)  # one gather per round: box + volume
-        for _ in range(min(k, n)):
+        alive = valid.to(dtype)
+        kept = []
+        flat_info = torch.cat((flat, scaled_volume.reshape(-1, 1)), dim=1).view(b, n, 7)  # one gather per round
+        for _ in range(rounds):
             pick = alive.argmax(dim=1)
             picks.append(pick)
             kept.append(alive.amax(dim=1))
-            info = flat_info.index_select(0, pick + offsets).view(b, 1, 7)
+            info = flat_info[image, pick][:, None]
             inter = (torch.minimum(hi, info[..., 3:6]) - torch.maximum(lo, info[..., :3])).clamp_(min=0).prod(dim=2)
             alive.mul_(inter.mul_(1.0 + iou_threshold) <= scaled_volume + info[..., 6])
             alive.scatter_(1, pick[:, None], 0.0)  # a zero-volume pick does not remove itself by IoU
-    index = torch.stack(picks, dim=1)
-    keep = torch.stack(kept, dim=1) > 0
+        index = torch.stack(picks, dim=1)
+        keep = torch.stack(kept, dim=1) > 0
     if k > n:
         index = torch.cat((index, index.new_zeros((b, k - n))), dim=1)
         keep = torch.cat((keep, keep.new_zeros((b, k - n))), dim=1)
     return index, keep
-
