@@ -67,3 +67,10 @@ def test_committed_configs_load(path: Path) -> None:
     cfg = load_train_config(path)
     assert sum(cfg.crop.fractions.values()) == pytest.approx(1.0)
     cfg.model_network_config()
+
+
+def test_optimizer_is_fused_on_the_cpu() -> None:
+    """One fused kernel call per optimiser step instead of several per parameter tensor (issue 13)."""
+    for name in ("sgd", "adamw"):
+        cfg = TrainConfig(optimizer=name)
+        assert make_optimizer(cfg, torch.nn.Linear(2, 2)).defaults["fused"] is True

@@ -272,7 +272,10 @@ def remove_small_boxes(boxes: Tensor, min_size: float) -> Tensor:
 
 # Largest [B, N, N] survival matrix nms_batched_top_k precomputes (1 byte each, built in row chunks of
 # _NMS_MATRIX_CHUNK pairs); above it, IoUs per round. With the matrix a round is ~8 tensor calls, without it ~40.
+# A GPU builds even the tiny network's training matrix (batch 16 x 6,000^2 = 576 M pairs) in milliseconds; one CPU
+# core needs ~37 s for it (measured), against ~1 s for the 300 rounds of per-round IoUs: hence a limit per device.
 _NMS_MATRIX_ELEMENTS = 1 << 28
+_NMS_MATRIX_ELEMENTS_CUDA = 1 << 31
 _NMS_MATRIX_CHUNK = 1 << 24
 
 
@@ -300,7 +303,8 @@ def nms_batched_top_k(boxes: Tensor, valid: Tensor, iou_threshold: float, k: int
     ``k`` (suppression when IoU > threshold). Cost: ``k`` rounds of a few ``[B, N]`` ops - the greedy rule is
     sequential in the kept boxes, and an exact greedy NMS cannot stop early without reading a value back - and
     never a host round trip, so a GPU runs it without waiting. While ``B * N * N`` fits ``_NMS_MATRIX_ELEMENTS``
-    the pairwise survival matrix is built once and a round is 3 tensor calls (pick, gather a row, AND).
+    (``_NMS_MATRIX_ELEMENTS_CUDA`` on a GPU) the pairwise survival matrix is built once and a round is 3 tensor
+    calls (pick, gather a row, AND).
     """
     b, n = valid.shape
     dtype = _compute_dtype(boxes)
@@ -313,7 +317,7 @@ def nms_batched_top_k(boxes: Tensor, valid: Tensor, iou_threshold: float, k: int
     image = torch.arange(b, device=boxes.device)
     rounds = min(k, n)
     picks = []
-    if b * n * n <= _NMS_MATRIX_ELEMENTS:
+    if b * n * n <= (_NMS_MATRIX_ELEMENTS_CUDA if boxes.device.type == "cuda" else _NMS_MATRIX_ELEMENTS):
         # The whole survival matrix (uint8: argmax takes no bool), in row chunks that bound the float temporaries;
         # then a round is a pick and one row gather + AND, and whether a round kept a box is read off the picks
         # at the end: the first pick is kept iff the best box is valid, a later one iff it is not position 0

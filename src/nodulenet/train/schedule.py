@@ -40,11 +40,19 @@ def learning_rate(config: TrainConfig, epoch: int, global_step: int) -> float:
 
 
 def make_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """SGD with momentum (published) or AdamW; weight decay on every parameter, as the published code does."""
+    """SGD with momentum (published) or AdamW; weight decay on every parameter, as the published code does.
+
+    The fused implementation where the parameters' device has one (CPU and CUDA): one kernel call for the whole
+    update instead of several per parameter tensor (measured on the tiny network's 184 tensors: 1 aten call per
+    SGD step, not 1,472; ``foreach`` on the CPU makes it 1,660). The same update rule and hyper-parameters."""
     params = [p for p in model.parameters() if p.requires_grad]
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.base_lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    return torch.optim.AdamW(params, lr=config.base_lr, weight_decay=config.weight_decay)
+    kind = torch.optim.SGD if config.optimizer == "sgd" else torch.optim.AdamW
+    options = (dict(lr=config.base_lr, momentum=config.momentum, weight_decay=config.weight_decay)
+               if config.optimizer == "sgd" else dict(lr=config.base_lr, weight_decay=config.weight_decay))
+    try:
+        return kind(params, **options, fused=True)
+    except (RuntimeError, ValueError):  # a device or dtype without a fused kernel
+        return kind(params, **options)
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
