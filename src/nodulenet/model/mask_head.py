@@ -256,9 +256,11 @@ def batched_mask_loss(head: "MaskHead", image: Tensor, out1: Tensor, comb2: Tens
     for size, members in pack_crop_groups(sizes, _MASK_GROUP_PADDING, _MAX_BATCH_VOXELS):
         idx = torch.tensor(members, device=crop_boxes.device)
         start, bidx, extent = crop_boxes[idx, :3], batch_index[idx], extents[idx]
-        local4, _ = _padded_positions(torch.div(extent, 4, rounding_mode="floor"), tuple(s // 4 for s in size))
-        local2, inside2 = _padded_positions(torch.div(extent, 2, rounding_mode="floor"), tuple(s // 2 for s in size))
+        # Extents and sizes are multiples of 4, so every 2nd (4th) image-voxel position, halved (quartered), is the
+        # stride-2 (stride-4) one: min(2q, e - 1) // 2 = min(q, e/2 - 1).
         local1, inside1 = _padded_positions(extent, size)
+        local2, local4 = [p[:, ::2] // 2 for p in local1], [p[:, ::4] // 4 for p in local1]
+        inside2 = inside1[:, :, ::2, ::2, ::2]
         f4 = _gather_padded(comb2, bidx, torch.div(start, 4, rounding_mode="floor"), local4)
         f2 = _gather_padded(out1, bidx, torch.div(start, 2, rounding_mode="floor"), local2) * inside2
         im = _gather_padded(image, bidx, start, local1) * inside1
