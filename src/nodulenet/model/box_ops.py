@@ -396,14 +396,17 @@ def _scan_keep(survives: Tensor, valid: Tensor) -> Tensor:
     suppress = torch.ones((b, blocks, 1 << m, size), dtype=torch.uint8, device=valid.device)
     for i in range(m):
         suppress &= torch.where(kept[i][..., None], rows[:, :, i, None, :], 1)
+    # Flat tables, so a step's lookups are two index_selects at row (image, block, pattern).
+    kept_bits, suppress = kept_bits.reshape(-1), suppress.view(-1, size)
+    base = ((torch.arange(b, device=valid.device)[None, :] * blocks + torch.arange(blocks, device=valid.device)[:, None])
+            << m)  # [blocks, B]
     weights = (1 << torch.arange(m, device=valid.device)).to(torch.uint8)
     alive = valid.to(torch.uint8)
-    image = torch.arange(b, device=valid.device)
     found = []
     for block in range(blocks):
-        pattern = (alive[:, block * m : (block + 1) * m] * weights).sum(dim=1)
-        found.append(kept_bits[image, block, pattern])
-        alive &= suppress[image, block, pattern]
+        row = (alive[:, block * m : (block + 1) * m] * weights).sum(dim=1) + base[block]
+        found.append(kept_bits.index_select(0, row))
+        alive &= suppress.index_select(0, row)
     bits = (torch.stack(found, dim=1)[..., None] >> torch.arange(m, device=valid.device)) & 1
     return bits.reshape(b, size)[:, :n].bool()
 
