@@ -104,8 +104,9 @@ def test_no_host_sync_in_the_rpn_and_rcnn_step() -> None:
         return {e.key: e.count for e in prof.key_averages() if e.key in ("aten::item", "aten::_local_scalar_dense")}
 
     assert step(("rpn", "rcnn")) == {}
-    # The mask stage reads its crop sizes back once (the mask head's convolutions are shaped by them), by
-    # tolist(), which is not an aten::item per value; it must not add per-crop item() calls either.
+    # The mask stage looks at the device twice - which crops match a nodule (one nonzero for the batch) and their
+    # sizes (one tolist(); the padded groups' convolutions are shaped by them) - neither an aten::item per value;
+    # it must not add per-crop item() calls either.
     assert step(("rpn", "rcnn", "mask")) == {}
     # The reference step does sync (so this test can tell the two apart).
     with profile(activities=[ProfilerActivity.CPU]) as prof:
