@@ -102,8 +102,8 @@ def _profile(step: Any) -> tuple[int, int, float, dict[str, int]]:
     return sum(e.count for e in aten), sum(e.count for e in aten if e.key in SYNC_OPS), seconds, top
 
 
-# Functions of the step whose calls are counted as a region: (module or module:Class, attribute, region). Wrapped only while the
-# region profile runs; a call inside another region's function counts for the innermost one.
+# Functions of the step whose calls are counted as a region: (module or module:Class, attribute, region). Wrapped
+# only while the region profile runs; a call inside another region's function counts for the innermost one.
 _REGIONS = (
     ("nodulenet.model.nodulenet", "run_rpn", "rpn_head"),
     ("nodulenet.model.nodulenet", "assign_rpn_targets_batched", "rpn_targets"),

@@ -398,8 +398,8 @@ def _scan_keep(survives: Tensor, valid: Tensor) -> Tensor:
         suppress &= torch.where(kept[i][..., None], rows[:, :, i, None, :], 1)
     # Flat tables, so a step's lookups are two index_selects at row (image, block, pattern).
     kept_bits, suppress = kept_bits.reshape(-1), suppress.view(-1, size)
-    base = ((torch.arange(b, device=valid.device)[None, :] * blocks + torch.arange(blocks, device=valid.device)[:, None])
-            << m)  # [blocks, B]
+    arange = torch.arange(max(b, blocks), device=valid.device)
+    base = (arange[None, :b] * blocks + arange[:blocks, None]) << m  # [blocks, B]: row of (image, block, pattern 0)
     weights = (1 << torch.arange(m, device=valid.device)).to(torch.uint8)
     alive = valid.to(torch.uint8)
     found = []
