@@ -190,8 +190,13 @@ def test_padded_mask_loss_equals_the_loss_crop_by_crop(padding: float, monkeypat
     edge-repeating padding before each up-sampling make the padding invisible."""
     from nodulenet.model import mask_head
     from nodulenet.model.losses import mask_loss
-    from nodulenet.model.mask_head import _crop, batched_mask_loss, pack_crop_groups, pad_nodule_masks, \
-        paste_masks_to_crop
+    from nodulenet.model.mask_head import (
+        _crop,
+        batched_mask_loss,
+        pack_crop_groups,
+        pad_nodule_masks,
+        paste_masks_to_crop,
+    )
 
     monkeypatch.setattr(mask_head, "_MASK_GROUP_PADDING", padding)
     torch.manual_seed(3)

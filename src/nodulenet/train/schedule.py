@@ -47,8 +47,9 @@ def make_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.O
     SGD step, not 1,472; ``foreach`` on the CPU makes it 1,660). The same update rule and hyper-parameters."""
     params = [p for p in model.parameters() if p.requires_grad]
     kind = torch.optim.SGD if config.optimizer == "sgd" else torch.optim.AdamW
-    options = (dict(lr=config.base_lr, momentum=config.momentum, weight_decay=config.weight_decay)
-               if config.optimizer == "sgd" else dict(lr=config.base_lr, weight_decay=config.weight_decay))
+    options: dict[str, float] = {"lr": config.base_lr, "weight_decay": config.weight_decay}
+    if config.optimizer == "sgd":
+        options["momentum"] = config.momentum
     try:
         optimizer = kind(params, **options, fused=True)
     except (RuntimeError, ValueError):  # a device or dtype without a fused kernel
