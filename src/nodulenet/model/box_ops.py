@@ -273,8 +273,9 @@ def remove_small_boxes(boxes: Tensor, min_size: float) -> Tensor:
 # Largest [B, N, N] survival matrix nms_batched_top_k precomputes (1 byte each, built in row chunks of
 # _NMS_MATRIX_CHUNK pairs); above it, IoUs per round. With the matrix a round is ~8 tensor calls, without it ~40.
 # A GPU builds even the tiny network's training matrix (batch 16 x 6,000^2 = 576 M pairs) in milliseconds; one CPU
-# core needs ~37 s for it (measured), against ~1 s for the 300 rounds of per-round IoUs: hence a limit per device.
-_NMS_MATRIX_ELEMENTS = 1 << 28
+# core needs ~37 s for it (measured), and ~10 s for the published batch's 144 M pairs (its step went from 1.03 to
+# 1.18 x the old step's time), against ~1 s for 300 rounds of per-round IoUs: hence a limit per device.
+_NMS_MATRIX_ELEMENTS = 1 << 25
 _NMS_MATRIX_ELEMENTS_CUDA = 1 << 31
 # With the matrix and few candidates per kept slot (N < k * _NMS_SCAN_BLOCK), the greedy pass instead scans the
 # candidates this many at a time through lookup tables over the 2^block alive patterns: N / block steps, not k.
