@@ -67,3 +67,41 @@ def test_committed_configs_load(path: Path) -> None:
     cfg = load_train_config(path)
     assert sum(cfg.crop.fractions.values()) == pytest.approx(1.0)
     cfg.model_network_config()
+
+
+def test_optimizer_is_fused_on_the_cpu() -> None:
+    """One fused kernel call per optimiser step instead of several per parameter tensor (issue 13)."""
+    for name in ("sgd", "adamw"):
+        cfg = TrainConfig(optimizer=name)
+        assert make_optimizer(cfg, torch.nn.Linear(2, 2)).defaults["fused"] is True
+
+
+def test_fused_sgd_takes_a_head_that_starts_training_later() -> None:
+    """The staged schedule gives the RCNN/mask heads their first gradient epochs after the RPN, and a resumed run
+    loads a state without their momentum buffers: the fused step must accept both and update as plain SGD does."""
+    torch.manual_seed(0)
+    early, late = torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)
+    twin = [torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)]
+    twin[0].load_state_dict(early.state_dict())
+    twin[1].load_state_dict(late.state_dict())
+    model = torch.nn.ModuleList([early, late])
+    fused = make_optimizer(TrainConfig(), model)
+    plain = torch.optim.SGD(torch.nn.ModuleList(twin).parameters(), lr=fused.defaults["lr"],
+                            momentum=fused.defaults["momentum"], weight_decay=fused.defaults["weight_decay"])
+    x = torch.randn(5, 3)
+    for step in range(3):
+        for modules, opt in ((model, fused), (twin, plain)):
+            opt.zero_grad(set_to_none=True)
+            heads = modules[:1] if step == 0 else modules  # the late head has no gradient in the first step
+            sum(m(x).square().sum() for m in heads).backward()
+            opt.step()
+        if step == 0:  # as after a resume from a checkpoint written before the late head trained
+            state = fused.state_dict()
+            fused = make_optimizer(TrainConfig(), model)
+            fused.load_state_dict({"state": {k: v for k, v in state["state"].items() if k < 2},
+                                   "param_groups": state["param_groups"]})
+            from nodulenet.train.schedule import fill_momentum_buffers
+
+            fill_momentum_buffers(fused)
+    for a, b in zip(model.parameters(), torch.nn.ModuleList(twin).parameters()):
+        assert torch.allclose(a, b, rtol=0, atol=1e-6)

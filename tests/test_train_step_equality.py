@@ -104,8 +104,9 @@ def test_no_host_sync_in_the_rpn_and_rcnn_step() -> None:
         return {e.key: e.count for e in prof.key_averages() if e.key in ("aten::item", "aten::_local_scalar_dense")}
 
     assert step(("rpn", "rcnn")) == {}
-    # The mask stage reads its crop sizes back once (the mask head's convolutions are shaped by them), by
-    # tolist(), which is not an aten::item per value; it must not add per-crop item() calls either.
+    # The mask stage looks at the device twice - which crops match a nodule (one nonzero for the batch) and their
+    # sizes (one tolist(); the padded groups' convolutions are shaped by them) - neither an aten::item per value;
+    # it must not add per-crop item() calls either.
     assert step(("rpn", "rcnn", "mask")) == {}
     # The reference step does sync (so this test can tell the two apart).
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -113,9 +114,15 @@ def test_no_host_sync_in_the_rpn_and_rcnn_step() -> None:
     assert sum(e.count for e in prof.key_averages() if e.key == "aten::_local_scalar_dense") > 0
 
 
-@pytest.mark.parametrize("n", [300, 2000])  # survival-matrix path and per-round IoU path
-def test_batched_nms_equals_nms_3d_per_image(n: int) -> None:
+# The survival-matrix path (whole, and built in many row chunks) and the per-round IoU path.
+@pytest.mark.parametrize("n, matrix_limit, chunk", [(300, 1 << 28, 1 << 24), (2000, 1 << 28, 1 << 16), (2000, 0, 0)])
+def test_batched_nms_equals_nms_3d_per_image(n: int, matrix_limit: int, chunk: int,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from nodulenet.model import box_ops
     from nodulenet.model.box_ops import nms_3d, nms_batched_top_k
+
+    monkeypatch.setattr(box_ops, "_NMS_MATRIX_ELEMENTS", matrix_limit)
+    monkeypatch.setattr(box_ops, "_NMS_MATRIX_CHUNK", chunk)
 
     gen = torch.Generator().manual_seed(n)
     b = 3
@@ -173,3 +180,58 @@ def test_batched_roi_pooling_equals_adaptive_max_pool_values_and_gradients() -> 
         (ours,) = torch.autograd.grad((pooled * weights).sum(), features)
         (theirs,) = torch.autograd.grad((reference * weights).sum(), features, retain_graph=True)
         assert torch.allclose(ours, theirs, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("padding", [1e9, 2.0])  # every crop in one padded group; the default packing
+def test_padded_mask_loss_equals_the_loss_crop_by_crop(padding: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Crops of many different sizes (some at the image border, some without foreground) padded into shared groups
+    give the loss and the gradients (mask head and the cropped feature maps) of running the mask head on each
+    unpadded crop alone, as the old step did: masked instance norms, zeroed padding before each convolution and
+    edge-repeating padding before each up-sampling make the padding invisible."""
+    from nodulenet.model import mask_head
+    from nodulenet.model.losses import mask_loss
+    from nodulenet.model.mask_head import (
+        _crop,
+        batched_mask_loss,
+        pack_crop_groups,
+        pad_nodule_masks,
+        paste_masks_to_crop,
+    )
+
+    monkeypatch.setattr(mask_head, "_MASK_GROUP_PADDING", padding)
+    torch.manual_seed(3)
+    model = NoduleNet(_config()).train()
+    head = model.mask_head
+    gen = torch.Generator().manual_seed(4)
+    image = torch.randn(2, 1, SIZE, SIZE, SIZE, generator=gen)
+    with torch.no_grad():
+        feats = model.feature_net(image)
+    out1, comb2 = feats.out1.clone().requires_grad_(), feats.comb2.clone().requires_grad_()
+    crops = torch.tensor([[0, 0, 0, 8, 12, 16], [4, 8, 12, 24, 20, 20], [8, 8, 8, 16, 16, 16], [20, 4, 0, 48, 16, 8],
+                          [36, 36, 36, 48, 48, 48], [12, 16, 20, 28, 40, 32], [0, 24, 8, 4, 48, 12],
+                          [16, 16, 16, 32, 32, 32], [24, 0, 28, 44, 12, 48]])
+    bidx = torch.tensor([0, 0, 1, 1, 0, 1, 0, 0, 1])
+    masks = [(torch.rand(10, 12, 9, generator=gen) > 0.4).to(torch.uint8),
+             (torch.rand(14, 6, 11, generator=gen) > 0.3).to(torch.uint8)]
+    origins = torch.tensor([[10, 6, 10], [18, 8, 22]])
+    nodule = torch.tensor([0, 0, 1, 1, 0, 1, 1, 0, 1])
+    sizes = [tuple(int(v) for v in c[3:] - c[:3]) for c in crops]
+    groups = pack_crop_groups(sizes, padding)
+    assert (len(groups) == 1) == (padding > 100) and any(len(m) > 1 for _, m in groups)
+
+    padded, mask_sizes = pad_nodule_masks(masks, image.device)
+    new = batched_mask_loss(head, image, out1, comb2, crops, bidx, nodule, padded, mask_sizes, origins)
+    new_grads = torch.autograd.grad(new, [out1, comb2, *head.parameters()])
+    logits, targets = [], []
+    for box, b, k in zip(crops.tolist(), bidx.tolist(), nodule.tolist()):
+        out = head._decode(_crop(comb2, b, box, 4), _crop(out1, b, box, 2), _crop(image, b, box, 1))
+        logits.append(out[0, 0])
+        targets.append(paste_masks_to_crop(masks, origins, box, [k]))
+    assert 0 < sum(bool(t.any()) for t in targets) < len(targets)  # some crops count, some do not
+    old = mask_loss(logits, targets)
+    old_grads = torch.autograd.grad(old, [out1, comb2, *head.parameters()])
+    new, old = float(new.detach()), float(old.detach())
+    assert old > 0 and abs(new - old) <= 1e-5 * old, (new, old)
+    largest = max(float(g.abs().max()) for g in old_grads)
+    worst = max(float((a - b).abs().max()) for a, b in zip(new_grads, old_grads))
+    assert worst < 1e-5 * largest, (worst, largest)

@@ -270,8 +270,17 @@ def remove_small_boxes(boxes: Tensor, min_size: float) -> Tensor:
     return torch.nonzero((sizes >= min_size).all(dim=1)).squeeze(1)
 
 
-# Largest [B, N, N] survival matrix nms_batched_top_k precomputes (bytes ~ 5x this); above it, IoUs per round.
-_NMS_MATRIX_ELEMENTS = 1 << 23
+# Largest [B, N, N] survival matrix nms_batched_top_k precomputes (1 byte each, built in row chunks of
+# _NMS_MATRIX_CHUNK pairs); above it, IoUs per round. With the matrix a round is ~8 tensor calls, without it ~40.
+# A GPU builds even the tiny network's training matrix (batch 16 x 6,000^2 = 576 M pairs) in milliseconds; one CPU
+# core needs ~37 s for it (measured), and ~10 s for the published batch's 144 M pairs (its step went from 1.03 to
+# 1.18 x the old step's time), against ~1 s for 300 rounds of per-round IoUs: hence a limit per device.
+_NMS_MATRIX_ELEMENTS = 1 << 25
+_NMS_MATRIX_ELEMENTS_CUDA = 1 << 31
+# With the matrix and few candidates per kept slot (N < k * _NMS_SCAN_BLOCK), the greedy pass instead scans the
+# candidates this many at a time through lookup tables over the 2^block alive patterns: N / block steps, not k.
+_NMS_SCAN_BLOCK = 4
+_NMS_MATRIX_CHUNK = 1 << 24
 
 
 def box_iou_batched(boxes_a: Tensor, boxes_b: Tensor) -> Tensor:
@@ -292,10 +301,14 @@ def nms_batched_top_k(boxes: Tensor, valid: Tensor, iou_threshold: float, k: int
     """Greedy NMS of every image of a batch at once, with static shapes: the first ``k`` kept boxes.
 
     ``boxes [B, N, 6]`` zyxzyx, ALREADY SORTED by decreasing score (equal scores in the order wanted), ``valid
-    [B, N]`` marks real candidates. Returns ``index [B, k]`` (positions in ``boxes``) and ``kept [B, k]`` (False
+    [B, N]`` marks real candidates, which come first in each image (as sorting by score with padding at -1 puts
+    them). Returns ``index [B, k]`` (positions in ``boxes``) and ``kept [B, k]`` (False
     for slots after an image's last kept box), the same boxes in the same order as :func:`nms_3d` truncated to
     ``k`` (suppression when IoU > threshold). Cost: ``k`` rounds of a few ``[B, N]`` ops - the greedy rule is
-    sequential in the kept boxes - and never a host round trip, so a GPU runs it without waiting.
+    sequential in the kept boxes, and an exact greedy NMS cannot stop early without reading a value back - and
+    never a host round trip, so a GPU runs it without waiting. While ``B * N * N`` fits ``_NMS_MATRIX_ELEMENTS``
+    (``_NMS_MATRIX_ELEMENTS_CUDA`` on a GPU) the pairwise survival matrix is built once and a round is 3 tensor
+    calls (pick, gather a row, AND).
     """
     b, n = valid.shape
     dtype = _compute_dtype(boxes)
@@ -305,36 +318,109 @@ def nms_batched_top_k(boxes: Tensor, valid: Tensor, iou_threshold: float, k: int
     flat = boxes.detach().to(dtype).reshape(b * n, 6)
     lo, hi = flat[:, :3].reshape(b, n, 3), flat[:, 3:].reshape(b, n, 3)
     scaled_volume = (hi - lo).clamp(min=0).prod(dim=2) * iou_threshold  # t * volume, [B, N]
-    alive = valid.to(dtype)
-    offsets = torch.arange(b, device=boxes.device) * n
-    picks, kept = [], []
-    if b * n * n <= _NMS_MATRIX_ELEMENTS:
-        # Small enough for the whole survival matrix: then a round is 5 ops (pick, record, 2 to fetch, 1 to apply).
-        inter = (torch.minimum(hi[:, :, None], hi[:, None]) - torch.maximum(lo[:, :, None], lo[:, None])).clamp_(
-            min=0).prod(dim=3)
-        # IoU > t  <=>  inter * (1 + t) > t * (v_a + v_b)  (see _overlap_exceeds); a box always removes itself.
-        survives = inter.mul_(1.0 + iou_threshold) <= scaled_volume[:, :, None] + scaled_volume[:, None]
-        survives &= ~torch.eye(n, dtype=torch.bool, device=boxes.device)
-        rows = survives.to(dtype).view(b * n, n)
-        for _ in range(min(k, n)):
+    image = torch.arange(b, device=boxes.device)
+    rounds = min(k, n)
+    picks = []
+    limit = _NMS_MATRIX_ELEMENTS_CUDA if boxes.device.type == "cuda" else _NMS_MATRIX_ELEMENTS
+    if b * n * n <= limit:
+        # The whole survival matrix (uint8: argmax takes no bool), in row chunks that bound the float temporaries;
+        # then a round is a pick and one row gather + AND.
+        survives = torch.empty((b, n, n), dtype=torch.uint8, device=boxes.device)
+        rows = max(1, _NMS_MATRIX_CHUNK // (b * n))
+        for r0 in range(0, n, rows):
+            r1 = min(n, r0 + rows)
+            inter = (torch.minimum(hi[:, r0:r1, None], hi[:, None]) - torch.maximum(lo[:, r0:r1, None], lo[:, None])
+                     ).clamp_(min=0).prod(dim=3)
+            # IoU > t  <=>  inter * (1 + t) > t * (v_a + v_b)  (see _overlap_exceeds).
+            torch.le(inter.mul_(1.0 + iou_threshold), scaled_volume[:, r0:r1, None] + scaled_volume[:, None],
+                     out=survives[:, r0:r1])
+        survives.diagonal(dim1=1, dim2=2).zero_()  # a box always removes itself, zero-volume ones included
+        if n < rounds * _NMS_SCAN_BLOCK and b * n * n * (1 << _NMS_SCAN_BLOCK) // _NMS_SCAN_BLOCK <= limit:
+            return _first_kept(_scan_keep(survives, valid), k)
+        alive = valid.to(torch.uint8)
+        for _ in range(rounds):
             pick = alive.argmax(dim=1)  # first alive = highest remaining score
             picks.append(pick)
-            kept.append(alive.amax(dim=1))
-            alive.mul_(rows.index_select(0, pick + offsets))
+            alive.bitwise_and_(survives[image, pick])
+        index = torch.stack(picks, dim=1)
     else:
-        flat_info = torch.cat((flat, scaled_volume.reshape(-1, 1)), dim=1)  # one gather per round: box + volume
-        for _ in range(min(k, n)):
+        # Per round: the pick's row of one [B, N, 7] table (hi, -lo, t * volume), then one minimum gives both
+        # min(hi) and -max(lo) (negation is exact), so hi - lo of the intersection is one add.
+        negated = torch.cat((hi, -lo), dim=2)
+        table = torch.cat((negated, scaled_volume[..., None]), dim=2).reshape(b * n, 7)
+        offsets = image * n
+        alive = valid.to(dtype)
+        for _ in range(rounds):
             pick = alive.argmax(dim=1)
             picks.append(pick)
-            kept.append(alive.amax(dim=1))
-            info = flat_info.index_select(0, pick + offsets).view(b, 1, 7)
-            inter = (torch.minimum(hi, info[..., 3:6]) - torch.maximum(lo, info[..., :3])).clamp_(min=0).prod(dim=2)
-            alive.mul_(inter.mul_(1.0 + iou_threshold) <= scaled_volume + info[..., 6])
+            row = table.index_select(0, pick + offsets).view(b, 1, 7)
+            bounds = torch.minimum(negated, row[..., :6])
+            inter = (bounds[..., :3] + bounds[..., 3:]).clamp_(min=0).prod(dim=2)
+            alive.masked_fill_(inter.mul_(1.0 + iou_threshold) > scaled_volume + row[..., 6], 0.0)
             alive.scatter_(1, pick[:, None], 0.0)  # a zero-volume pick does not remove itself by IoU
-    index = torch.stack(picks, dim=1)
-    keep = torch.stack(kept, dim=1) > 0
+        index = torch.stack(picks, dim=1)
+    # Whether a round kept a box, read off the picks: the first pick is kept iff the best box is valid, a later
+    # one iff it is not position 0 (position 0 is the first pick; argmax of an all-dead row returns 0).
+    keep = torch.cat((valid[:, :1], index[:, 1:] > 0), dim=1)
     if k > n:
         index = torch.cat((index, index.new_zeros((b, k - n))), dim=1)
         keep = torch.cat((keep, keep.new_zeros((b, k - n))), dim=1)
     return index, keep
 
+
+def _scan_keep(survives: Tensor, valid: Tensor) -> Tensor:
+    """Greedy keep mask ``[B, N]`` from the survival matrix (``survives[b, i, j]`` = 1 when ``j`` survives a kept
+    ``i``, diagonal 0) of score-sorted candidates, ``_NMS_SCAN_BLOCK`` (m) candidates per step.
+
+    For every block of m consecutive candidates and each of the 2^m patterns of which of them are still alive on
+    entry, the in-block greedy result (which are kept) and the AND of the kept ones' survival rows are tabulated
+    up front, all blocks at once (m sequential steps over ``[B, N/m, 2^m]``); the scan then reads its block's
+    alive pattern, looks up the kept ones and ANDs their rows into ``alive``: exactly the one-box-at-a-time loop,
+    in N/m steps of ~4 tensor calls."""
+    b, n = valid.shape
+    m = _NMS_SCAN_BLOCK
+    pad = (-n) % m
+    if pad:  # padding candidates: never alive, suppress nothing
+        survives = torch.nn.functional.pad(survives, (0, pad, 0, pad), value=1)
+        valid = torch.nn.functional.pad(valid, (0, pad), value=False)
+    blocks, size = (n + pad) // m, n + pad
+    rows = survives.view(b, blocks, m, size)  # the survival rows of each block's members
+    inner = torch.diagonal(survives.view(b, blocks, m, blocks, m), dim1=1, dim2=3).permute(0, 3, 1, 2)  # [b,nb,m,m]
+    patterns = torch.arange(1 << m, device=valid.device)
+    kept: list[Tensor] = []  # member i kept, per block and entry pattern: [b, nb, 2^m] bool
+    for i in range(m):
+        ok = ((patterns >> i) & 1).bool().expand(b, blocks, -1)
+        for earlier in range(i):
+            ok = ok & (~kept[earlier] | inner[:, :, earlier, i, None].bool())
+        kept.append(ok)
+    kept_bits = sum((kept[i].to(torch.uint8) << i for i in range(m)), torch.zeros_like(kept[0], dtype=torch.uint8))
+    suppress = torch.ones((b, blocks, 1 << m, size), dtype=torch.uint8, device=valid.device)
+    for i in range(m):
+        suppress &= torch.where(kept[i][..., None], rows[:, :, i, None, :], 1)
+    # Flat tables, so a step's lookups are two index_selects at row (image, block, pattern).
+    kept_bits, suppress = kept_bits.reshape(-1), suppress.view(-1, size)
+    arange = torch.arange(max(b, blocks), device=valid.device)
+    base = (arange[None, :b] * blocks + arange[:blocks, None]) << m  # [blocks, B]: row of (image, block, pattern 0)
+    weights = (1 << torch.arange(m, device=valid.device)).to(torch.uint8)
+    alive = valid.to(torch.uint8)
+    found = []
+    for block in range(blocks):
+        row = (alive[:, block * m : (block + 1) * m] * weights).sum(dim=1) + base[block]
+        found.append(kept_bits.index_select(0, row))
+        alive &= suppress.index_select(0, row)
+    bits = (torch.stack(found, dim=1)[..., None] >> torch.arange(m, device=valid.device)) & 1
+    return bits.reshape(b, size)[:, :n].bool()
+
+
+def _first_kept(keep: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """``(index [B, k], kept [B, k])`` of :func:`nms_batched_top_k` from a keep mask ``[B, N]``: the first ``k`` kept
+    positions in order, then 0 with ``kept`` False (as the picking rounds leave them)."""
+    b, n = keep.shape
+    order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[:, :k]
+    slots = torch.arange(order.shape[1], device=keep.device)
+    kept = slots[None, :] < keep.sum(dim=1, keepdim=True)
+    index = torch.where(kept, order, 0)
+    if k > n:
+        index = torch.cat((index, index.new_zeros((b, k - n))), dim=1)
+        kept = torch.cat((kept, kept.new_zeros((b, k - n))), dim=1)
+    return index, kept

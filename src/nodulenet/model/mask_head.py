@@ -132,22 +132,84 @@ def _crop(volume: Tensor, b: int, box: list[int], stride: int) -> Tensor:
     return volume[b : b + 1, :, z0:z1, y0:y1, x0:x1]
 
 
-def _gather_crops(volume: Tensor, batch_index: Tensor, start: Tensor, size: tuple[int, int, int]) -> Tensor:
-    """``[n, C, d, h, w]`` crops of ``volume [B, C, Z, Y, X]`` at ``start [n, 3]`` (inside the volume), one gather."""
-    grids = [start[:, axis, None] + torch.arange(size[axis], device=start.device) for axis in range(3)]
+def _padded_positions(extent: Tensor, size: tuple[int, int, int]) -> tuple[list[Tensor], Tensor]:
+    """For crops of ``extent [n, 3]`` voxels padded to ``size``: per axis the crop-local position of every padded
+    voxel with the padding repeating the crop's last voxel (``[n, size_a]`` each), and the float 0/1 mask
+    ``[n, 1, d, h, w]`` of the voxels inside the crop."""
+    local, inside = [], None
+    for axis in range(3):
+        p = torch.arange(size[axis], device=extent.device)[None, :]
+        local.append(torch.minimum(p, extent[:, axis, None] - 1))
+        shape = [-1, 1, 1, 1, 1]
+        shape[axis + 2] = size[axis]
+        ok = (p < extent[:, axis, None]).view(shape)
+        inside = ok if inside is None else inside & ok
+    assert inside is not None
+    return local, inside.float()
+
+
+def _gather_padded(volume: Tensor, batch_index: Tensor, start: Tensor, local: list[Tensor]) -> Tensor:
+    """``[n, C, d, h, w]``: ``volume``'s crops at ``start`` read at the crop-local positions ``local`` (padding
+    repeats each crop's last voxel), one gather."""
+    grids = [start[:, axis, None] + local[axis] for axis in range(3)]
     picked = volume[batch_index[:, None, None, None], :, grids[0][:, :, None, None], grids[1][:, None, :, None],
-                    grids[2][:, None, None, :]]  # advanced indices first: [n, d, h, w, C]
+                    grids[2][:, None, None, :]]
     return picked.permute(0, 4, 1, 2, 3)
 
 
+def _repeat_edges(x: Tensor, local: list[Tensor]) -> Tensor:
+    """``x [n, C, d, h, w]`` with every voxel past a crop's extent replaced by the crop's nearest edge voxel."""
+    rows = torch.arange(x.shape[0], device=x.device)[:, None, None, None]
+    picked = x.permute(0, 2, 3, 4, 1)[rows, local[0][:, :, None, None], local[1][:, None, :, None],
+                                      local[2][:, None, None, :]]
+    return picked.permute(0, 4, 1, 2, 3)
+
+
+def _masked_instance_norm(x: Tensor, norm: nn.GroupNorm, inside: Tensor, count: Tensor) -> Tensor:
+    """``norm`` (GroupNorm, one channel per group: instance norm) with each crop's statistics taken over its own
+    voxels ``inside`` only (``count`` of them), as the norm of the unpadded crop computes them."""
+    mean = (x * inside).sum(dim=(2, 3, 4), keepdim=True) / count
+    centred = x - mean
+    var = (centred.square() * inside).sum(dim=(2, 3, 4), keepdim=True) / count
+    scale = torch.rsqrt(var + norm.eps) * norm.weight.view(1, -1, 1, 1, 1)
+    return centred * scale + norm.bias.view(1, -1, 1, 1, 1)
+
+
+def _decode_padded(head: "MaskHead", f4: Tensor, f2: Tensor, im: Tensor, local2: list[Tensor], inside2: Tensor,
+                   inside1: Tensor) -> Tensor:
+    """:meth:`MaskHead._decode` of crops of different extents padded to one size (``local2``/``inside2``: the
+    stride-2 positions and inside mask from :func:`_padded_positions`, ``inside1`` the image-voxel one), with the
+    values each unpadded crop would give inside it.
+
+    Why it is the same: ``f4`` is padded by repeating each crop's last voxel, which is exactly what the x2
+    trilinear up-sampling (align_corners=False) reads past the end of an unpadded input (it clamps its source
+    index), so up-sampled voxels inside a crop are unchanged; after every up-sampling the voxels outside the crop
+    are set to 0, which is what the 3x3 convolutions' zero padding reads there; the instance norms take their
+    statistics over the crop's voxels only; and the second up-sampling again sees repeated edge voxels. ``f2``
+    and ``im`` come zero outside the crop."""
+    count2, count1 = inside2.sum(dim=(2, 3, 4), keepdim=True), inside1.sum(dim=(2, 3, 4), keepdim=True)
+    up2, back2, up3, back3 = head.up2, head.back2, head.up3, head.back3
+    x = up2[1](up2[0](f4) * inside2)
+    x = up2[3](_masked_instance_norm(x, up2[2], inside2, count2)) * inside2
+    x = back2[0](torch.cat((x, f2.to(x.dtype)), dim=1))
+    x = back2[2](_masked_instance_norm(x, back2[1], inside2, count2))
+    x = up3[1](up3[0](_repeat_edges(x, local2)) * inside1)
+    x = up3[3](_masked_instance_norm(x, up3[2], inside1, count1)) * inside1
+    x = back3[0](torch.cat((x, im.to(x.dtype)), dim=1))
+    x = back3[2](_masked_instance_norm(x, back3[1], inside1, count1))
+    return head.logits1(x)
+
+
 def _gather_targets(masks: Tensor, mask_sizes: Tensor, origins: Tensor, nodule: Tensor, start: Tensor,
-                    size: tuple[int, int, int]) -> Tensor:
+                    extent: Tensor, size: tuple[int, int, int]) -> Tensor:
     """Float 0/1 ``[n, d, h, w]``: nodule ``nodule[i]``'s tight mask (``masks [G, Dm, Hm, Wm]`` padded, true size
-    ``mask_sizes [G, 3]``, placed at ``origins [G, 3]``) inside the crop at ``start[i]``, as ``paste_masks_to_crop``."""
+    ``mask_sizes [G, 3]``, placed at ``origins [G, 3]``) inside the crop at ``start[i]`` of ``extent[i]`` voxels, as
+    ``paste_masks_to_crop``, padded to ``size`` with zeros."""
     inside, rel = None, []
     for axis in range(3):
-        r = start[:, axis, None] + torch.arange(size[axis], device=start.device) - origins[nodule, axis, None]
-        ok = (r >= 0) & (r < mask_sizes[nodule, axis, None])
+        p = torch.arange(size[axis], device=start.device)
+        r = start[:, axis, None] + p - origins[nodule, axis, None]
+        ok = (r >= 0) & (r < mask_sizes[nodule, axis, None]) & (p < extent[:, axis, None])
         shape = [-1, 1, 1, 1]
         shape[axis + 1] = size[axis]
         ok = ok.view(shape)
@@ -167,30 +229,59 @@ def pad_nodule_masks(masks: list[Tensor], device: torch.device) -> tuple[Tensor,
     return padded, sizes.to(device)
 
 
+# Padded voxels a group of mask crops may hold per voxel of its crops: padding more crops into one batch saves
+# tensor calls (each group is ~600) and costs arithmetic on the padding.
+_MASK_GROUP_PADDING = 2.0
+
+
+def pack_crop_groups(sizes: list[tuple[int, int, int]], max_padding: float = _MASK_GROUP_PADDING,
+                     max_voxels: int = 1 << 20) -> list[tuple[tuple[int, int, int], list[int]]]:
+    """Crops (by their zyx ``sizes``) packed into groups that run padded to one size: ``[(size, members)]``.
+
+    Largest crop first, each next crop joins the open group while the group's padded voxels (elementwise largest
+    size x members) stay within ``max_padding`` x its crops' own voxels and ``max_voxels``, else opens a group."""
+    order = sorted(range(len(sizes)), key=lambda i: (-sizes[i][0] * sizes[i][1] * sizes[i][2], i))
+    groups: list[tuple[tuple[int, int, int], list[int], int]] = []
+    for i in order:
+        size, volume = sizes[i], sizes[i][0] * sizes[i][1] * sizes[i][2]
+        for g, (padded, members, own) in enumerate(groups):
+            grown = tuple(max(a, b) for a, b in zip(padded, size))
+            padded_voxels = grown[0] * grown[1] * grown[2] * (len(members) + 1)
+            if padded_voxels <= max_padding * (own + volume) and padded_voxels <= max_voxels:
+                groups[g] = (grown, members + [i], own + volume)  # type: ignore[assignment]
+                break
+        else:
+            groups.append((size, [i], volume))
+    return [(padded, members) for padded, members, _ in groups]
+
+
 def batched_mask_loss(head: "MaskHead", image: Tensor, out1: Tensor, comb2: Tensor, crop_boxes: Tensor,
                       batch_index: Tensor, nodule: Tensor, masks: Tensor, mask_sizes: Tensor, origins: Tensor,
                       eps: float = 1e-5) -> Tensor:
     """The mask loss (``losses.mask_loss`` defaults: mean soft Dice over crops whose target has foreground) of the
-    crops ``crop_boxes [M, 6]`` (image ``batch_index``, learning nodule ``nodule``), crops of one size as one batch:
-    the crops, their targets and the Dice terms are a few gathers per size, not a paste and a slice per crop.
-    Reads the crop sizes back once (the mask head's convolutions are shaped by them)."""
-    rows = torch.cat((crop_boxes, batch_index[:, None]), dim=1).tolist()
-    groups: dict[tuple[int, int, int], list[int]] = {}
-    for i, (z0, y0, x0, z1, y1, x1, _) in enumerate(rows):
-        groups.setdefault((z1 - z0, y1 - y0, x1 - x0), []).append(i)
+    crops ``crop_boxes [M, 6]`` (image ``batch_index``, learning nodule ``nodule``). Crops of different sizes run
+    padded to one size per group (:func:`pack_crop_groups`, :func:`_decode_padded`): the crops, their targets and
+    the Dice terms are a few gathers per group, not a paste and a slice per crop, nor one network pass per size.
+    Reads the crop sizes back once (the groups' padded sizes shape the convolutions)."""
+    extents = crop_boxes[:, 3:] - crop_boxes[:, :3]
+    sizes = [(int(z), int(y), int(x)) for z, y, x in extents.tolist()]
     terms, counted = [], []
-    for size, members in groups.items():
-        per_chunk = max(1, _MAX_BATCH_VOXELS // (size[0] * size[1] * size[2]))
-        for c0 in range(0, len(members), per_chunk):
-            idx = torch.tensor(members[c0 : c0 + per_chunk], device=crop_boxes.device)
-            start, bidx = crop_boxes[idx, :3], batch_index[idx]
-            f4 = _gather_crops(comb2, bidx, torch.div(start, 4, rounding_mode="floor"), tuple(s // 4 for s in size))
-            f2 = _gather_crops(out1, bidx, torch.div(start, 2, rounding_mode="floor"), tuple(s // 2 for s in size))
-            im = _gather_crops(image, bidx, start, size)
-            prob = torch.sigmoid(head._decode(f4, f2, im).float()).flatten(1)
-            truth = _gather_targets(masks, mask_sizes, origins, nodule[idx], start, size).flatten(1)
-            terms.append(1 - (prob * truth).sum(dim=1) / (0.5 * (prob.sum(dim=1) + truth.sum(dim=1)) + eps))
-            counted.append(truth.amax(dim=1) > 0)
+    for size, members in pack_crop_groups(sizes, _MASK_GROUP_PADDING, _MAX_BATCH_VOXELS):
+        idx = torch.tensor(members, device=crop_boxes.device)
+        start, bidx, extent = crop_boxes[idx, :3], batch_index[idx], extents[idx]
+        # Extents and sizes are multiples of 4, so every 2nd (4th) image-voxel position, halved (quartered), is the
+        # stride-2 (stride-4) one: min(2q, e - 1) // 2 = min(q, e/2 - 1).
+        local1, inside1 = _padded_positions(extent, size)
+        local2, local4 = [p[:, ::2] // 2 for p in local1], [p[:, ::4] // 4 for p in local1]
+        inside2 = inside1[:, :, ::2, ::2, ::2]
+        f4 = _gather_padded(comb2, bidx, torch.div(start, 4, rounding_mode="floor"), local4)
+        f2 = _gather_padded(out1, bidx, torch.div(start, 2, rounding_mode="floor"), local2) * inside2
+        im = _gather_padded(image, bidx, start, local1) * inside1
+        logits = _decode_padded(head, f4, f2, im, local2, inside2, inside1)
+        prob = (torch.sigmoid(logits.float()) * inside1).flatten(1)
+        truth = _gather_targets(masks, mask_sizes, origins, nodule[idx], start, extent, size).flatten(1)
+        terms.append(1 - (prob * truth).sum(dim=1) / (0.5 * (prob.sum(dim=1) + truth.sum(dim=1)) + eps))
+        counted.append(truth.amax(dim=1) > 0)
     term, count = torch.cat(terms), torch.cat(counted)
     return torch.where(count, term, torch.zeros_like(term)).sum() / count.sum().clamp(min=1)
 

@@ -34,6 +34,7 @@ signal from the first mask step; each box learns the mask of the nodule it overl
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -47,7 +48,7 @@ from .config import NoduleNetConfig
 from .fpn import AnchorCache, RpnOutput, build_rpn_heads, run_rpn
 from .losses import rcnn_loss, rpn_loss
 from .mask_head import MaskHead, batched_mask_loss, mask_crop_boxes, mask_nms, pad_nodule_masks
-from .box_ops import box_iou_3d, nms_batched_top_k
+from .box_ops import box_iou_batched, nms_batched_top_k
 from .rcnn import RcnnHead, crop_and_pool, feature_crop_ranges, refine_detections
 from .rpn import BatchedBoxes, clamp_box_centres, select_proposals, select_proposals_batched
 from .targets import (RcnnTargets, assign_rpn_targets_batched, draw_rcnn_keys, pad_gt_boxes, sample_rcnn_batched,
@@ -258,7 +259,7 @@ class NoduleNet(nn.Module):
             if "mask" in stages:
                 assert batched is not None
                 dets = self._detect_batched(features, batched, orig_shape, training)
-                losses["mask"] = self._mask_loss(x, features, [b for b, _ in dets.per_image()], targets)
+                losses["mask"] = self._mask_loss(x, features, dets.boxes, dets.valid, targets)
         else:
             batched = self._proposals_batched(rpn_out, orig_shape, training) if targets is not None else None
             proposals = batched.per_image() if batched is not None else self._proposals(rpn_out, orig_shape, False)
@@ -268,7 +269,8 @@ class NoduleNet(nn.Module):
             if keep_centres_within is not None:
                 dets = [_centres_within(b, s, keep_centres_within) for b, s in dets]
             if targets is not None and "mask" in stages:
-                losses["mask"] = self._mask_loss(x, features, [b for b, _ in dets], targets)
+                padded_dets = pad_gt_boxes([b for b, _ in dets], x.device)  # (any per-image boxes pad alike)
+                losses["mask"] = self._mask_loss(x, features, *padded_dets, targets)
             detections = self._finish(x, features, dets, proposals, rcnn_probs, orig_shape, stages, mask_min_score)
         if losses:
             losses["total"] = self._total(losses)
@@ -415,32 +417,34 @@ class NoduleNet(nn.Module):
         bidx = torch.cat([torch.full((len(c),), i, dtype=torch.long) for i, c in enumerate(crop_boxes)])
         return self.mask_head(x, features.out1, features.comb2, flat, bidx)
 
-    def _mask_loss(
-        self, x: Tensor, features: BackboneFeatures, det_boxes: list[Tensor], targets: Sequence[NoduleTargets]
-    ) -> Tensor:
-        """Mask loss over every image's boxes that overlap a nodule (``mask_training_targets`` rules), batched."""
+    def _mask_loss(self, x: Tensor, features: BackboneFeatures, boxes: Tensor, valid: Tensor,
+                   targets: Sequence[NoduleTargets]) -> Tensor:
+        """Mask loss over every image's boxes (``boxes [B, K, 6]``, ``valid [B, K]``) that overlap a nodule
+        (``mask_training_targets`` rules: the nodule of best box IoU, if >= ``mask_match_iou``), the whole batch
+        at once; the matched crops are picked with one look at the device (their number sizes what follows)."""
         cfg = self.config
         shape = tuple(int(s) for s in x.shape[2:])
-        crops, images, nodules, masks, origins = [], [], [], [], []
-        for b, (boxes, t) in enumerate(zip(det_boxes, targets)):
-            assert t.gt_masks is not None and t.gt_mask_origins is not None
-            gt_boxes = t.gt_boxes.to(device=x.device, dtype=torch.float32)
-            if cfg.mask_train_on_gt_boxes:
-                boxes = torch.cat((boxes, gt_boxes), dim=0)
-            if boxes.shape[0] and gt_boxes.shape[0]:
-                best_iou, best_gt = box_iou_3d(boxes, gt_boxes).max(dim=1)
-                matched = best_iou >= cfg.mask_match_iou
-                crops.append(mask_crop_boxes(boxes, shape, cfg.mask_box_multiple, cfg.mask_crop_frame)[matched])
-                images.append(torch.full((boxes.shape[0],), b, device=x.device)[matched])
-                nodules.append(best_gt[matched] + len(masks))
-            masks += list(t.gt_masks)
-            origins.append(t.gt_mask_origins.to(device=x.device, dtype=torch.long).reshape(-1, 3))
-        if not crops or sum(c.shape[0] for c in crops) == 0:
+        gt, gt_valid = pad_gt_boxes([t.gt_boxes for t in targets], x.device)
+        if cfg.mask_train_on_gt_boxes:
+            boxes, valid = torch.cat((boxes.float(), gt), dim=1), torch.cat((valid, gt_valid), dim=1)
+        b, m = valid.shape
+        iou = torch.where(gt_valid[:, None, :], box_iou_batched(boxes.float(), gt), -1.0)
+        best_iou, best_gt = iou.max(dim=2)  # first best nodule, as box_iou_3d(...).max per image
+        matched = torch.nonzero((valid & (best_iou >= cfg.mask_match_iou)).flatten()).squeeze(1)
+        if matched.numel() == 0:
             # No nodule in reach: a zero that still touches the mask head keeps DDP's unused-parameter check quiet.
             return sum((p.sum() * 0.0 for p in self.mask_head.parameters()), torch.zeros((), device=x.device))
-        padded, sizes = pad_nodule_masks(masks, x.device)
-        return batched_mask_loss(self.mask_head, x, features.out1, features.comb2, torch.cat(crops),
-                                 torch.cat(images), torch.cat(nodules), padded, sizes, torch.cat(origins))
+        assert all(t.gt_masks is not None and t.gt_mask_origins is not None for t in targets)
+        first = torch.tensor([0, *itertools.accumulate(len(t.gt_masks or ()) for t in targets)][:-1],
+                             device=x.device)
+        crops = mask_crop_boxes(boxes.reshape(-1, 6), shape, cfg.mask_box_multiple, cfg.mask_crop_frame)[matched]
+        images = torch.arange(b, device=x.device).repeat_interleave(m)[matched]
+        nodules = (first[:, None] + best_gt).flatten()[matched]
+        padded, sizes = pad_nodule_masks([mk for t in targets for mk in (t.gt_masks or ())], x.device)
+        origins = torch.cat([t.gt_mask_origins.to(device=x.device, dtype=torch.long).reshape(-1, 3)
+                             for t in targets if t.gt_mask_origins is not None])
+        return batched_mask_loss(self.mask_head, x, features.out1, features.comb2, crops, images, nodules, padded,
+                                 sizes, origins)
 
     def _finish(
         self,

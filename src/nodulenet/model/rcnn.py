@@ -78,13 +78,20 @@ def _max_bin_width(length: int, bins: int) -> int:
     return max(-((-(i + 1) * length) // bins) - (i * length) // bins for i in range(bins))
 
 
-def _levels(max_width: int) -> int:
-    """Sparse-table levels (widths 1, 2, 4, ...) needed to cover ranges up to ``max_width``."""
-    return max(1, max_width.bit_length())
+def _table_widths(max_width: int) -> list[int]:
+    """Sliding-maximum widths (ascending, from 1) such that every bin width ``w <= max_width`` has a table width
+    ``h`` with ``h <= w <= 2h``: its maximum is then that of two overlapping lookups, ``T_h[lo]`` and
+    ``T_h[hi - h]``. Chosen top-down (``h = ceil(need / 2)``), which needs fewer tables than powers of two: bins
+    up to 6 wide (a 32-voxel map, 7 bins) take widths {1, 3}, 2 per axis and 8 tables in 3-D, not 27."""
+    widths, need = [], max_width
+    while need >= 1:
+        widths.append(max(1, -(-need // 2)))
+        need = widths[-1] - 1
+    return sorted(set(widths))
 
 
 # Elements of one chunk of lookup tables (values + int32 indices, ~8 bytes each): bounds the transient memory.
-_TABLE_CHUNK_ELEMENTS = 1 << 25
+_TABLE_CHUNK_ELEMENTS = 1 << 26
 
 
 def roi_adaptive_max_pool3d(
@@ -94,13 +101,13 @@ def roi_adaptive_max_pool3d(
     ``features [B, C, Z, Y, X]`` to ``[N, C, bins, bins, bins]``, for all regions at once with static shapes.
 
     How: every bin is an axis-aligned box of width ``w <= W`` per axis (``W`` from the largest possible region).
-    A range maximum over ``[p, p + w)`` equals ``max(T_l[p], T_l[p + w - 2^l])`` with ``l = floor(log2 w)`` and
-    ``T_l`` the sliding maximum of width ``2^l`` (a sparse table, as in range-minimum queries), so with the
-    ``levels^3`` tables of the 3-D sliding maxima every bin is the maximum of 8 table lookups. Building the tables
-    is a few dozen whole-map ``maximum`` ops, the lookups are 8 gathers for all regions: no per-region slices,
-    no host round trip (the old per-proposal slicing issued ~35,000 tensor calls per tiny-network training step).
-    Values equal ``F.adaptive_max_pool3d`` bit for bit, and so does the gradient (it reaches each bin's arg-max
-    voxel; see :func:`_pool_from_tables` for exact ties).
+    A range maximum over ``[p, p + w)`` equals ``max(T_h[p], T_h[p + w - h])`` for a sliding maximum ``T_h`` of
+    width ``h`` with ``h <= w <= 2h`` (a sparse table, as in range-minimum queries; widths from
+    :func:`_table_widths`), so with the tables of the 3-D sliding maxima every bin is the maximum of 8 table
+    lookups. Building the tables is a few dozen whole-map ``maximum`` ops, the lookups are one gather for all
+    regions: no per-region slices, no host round trip (the old per-proposal slicing issued ~35,000 tensor calls
+    per tiny-network training step). Values equal ``F.adaptive_max_pool3d`` bit for bit, and so does the
+    gradient (it reaches each bin's arg-max voxel; see :func:`_pool_from_tables` for exact ties).
     """
     n = ranges.shape[0]
     b_size, channels = features.shape[:2]
@@ -108,13 +115,13 @@ def roi_adaptive_max_pool3d(
     if n == 0:
         return features.new_zeros((0, channels, bins, bins, bins))
     limit = [s if max_region is None else max(1, min(s, max_region)) for s in spatial]
-    levels = [_levels(max(_max_bin_width(length, bins) for length in range(1, lim + 1))) for lim in limit]
-    lookups = _bin_lookups(ranges, bins, levels, spatial)
-    pooled = _pool_from_tables(features, batch_index, lookups, levels)
+    widths = [_table_widths(max(_max_bin_width(length, bins) for length in range(1, lim + 1))) for lim in limit]
+    lookups = _bin_lookups(ranges, bins, widths, spatial)
+    pooled = _pool_from_tables(features, batch_index, lookups, widths)
     return pooled.permute(0, 2, 1).reshape(n, channels, bins, bins, bins)
 
 
-def _bin_lookups(ranges: Tensor, bins: int, levels: list[int], spatial: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+def _bin_lookups(ranges: Tensor, bins: int, widths: list[list[int]], spatial: tuple[int, ...]) -> tuple[Tensor, Tensor]:
     """Per region and bin: the table number ``[N, bins^3]`` and the 8 flat positions ``[8, N, bins^3]``."""
     i = torch.arange(bins, device=ranges.device)
     tables = None
@@ -125,12 +132,11 @@ def _bin_lookups(ranges: Tensor, bins: int, levels: list[int], spatial: tuple[in
         hi = start - torch.div(-(i + 1) * length, bins, rounding_mode="floor")
         width = hi - lo
         level = torch.zeros_like(width)
-        for j in range(1, levels[axis]):
-            level += (width >= (1 << j)).long()
-        level = torch.minimum(level, torch.full_like(level, levels[axis] - 1))
-        second = hi - torch.bitwise_left_shift(torch.ones_like(level), level)
-        tables = level if tables is None else tables[..., None] * levels[axis] + level[:, None, :]
-        corners.append(torch.stack((lo, second)))  # [2, N, bins]
+        for h in widths[axis][1:]:
+            level += (width >= h).long()  # the widest table not wider than the bin
+        table_width = torch.tensor(widths[axis], device=ranges.device)[level]
+        tables = level if tables is None else tables[..., None] * len(widths[axis]) + level[:, None, :]
+        corners.append(torch.stack((lo, hi - table_width)))  # [2, N, bins]
         if axis == 1:
             tables = tables.flatten(1)
     assert tables is not None
@@ -142,30 +148,35 @@ def _bin_lookups(ranges: Tensor, bins: int, levels: list[int], spatial: tuple[in
     return tables, pos.reshape(8, ranges.shape[0], -1)
 
 
-def _sliding_max(values: Tensor, dim: int, shift: int) -> Tensor:
-    """Max of each position and the one ``shift`` further along ``dim`` (the last one repeats)."""
+def _widen(values: Tensor, dim: int, have: int, want: int) -> Tensor:
+    """Sliding maximum of width ``want`` along ``dim`` from one of width ``have`` (positions past the end repeat
+    the last one; lookups never read a window that runs past the map)."""
     size = values.shape[dim]
-    ahead = torch.clamp(torch.arange(shift, size + shift, device=values.device), max=size - 1)
-    return torch.maximum(values, values.index_select(dim, ahead))
+    while have < want:
+        shift = min(have, want - have)
+        ahead = torch.clamp(torch.arange(shift, size + shift, device=values.device), max=size - 1)
+        values = torch.maximum(values, values.index_select(dim, ahead))
+        have += shift
+    return values
 
 
-def _build_tables(features: Tensor, levels: list[int]) -> Tensor:
-    """``[T * B * Z*Y*X, C]`` sliding-maximum tables (T = product of levels, z level slowest; rows of C values)."""
-    b, c, z, y, x = features.shape
+def _build_tables(features: Tensor, widths: list[list[int]]) -> Tensor:
+    """``[T * B * Z*Y*X, C]`` sliding-maximum tables (T = product of the widths' counts, z slowest; rows of C)."""
+    c = features.shape[1]
     current = [features.permute(0, 2, 3, 4, 1)]  # [B, Z, Y, X, C]: a lookup reads one C-long row
     for axis in range(3):  # after the loop: table (lz, ly, lx) at lz*Ly*Lx + ly*Lx + lx
         grown = []
         for values in current:
-            per_level = [values]
-            for level in range(1, levels[axis]):
-                per_level.append(_sliding_max(per_level[-1], axis + 1, 1 << (level - 1)))
-            grown.extend(per_level)
+            per_width = [values]
+            for have, want in zip(widths[axis], widths[axis][1:]):
+                per_width.append(_widen(per_width[-1], axis + 1, have, want))
+            grown.extend(per_width)
         current = grown
     return torch.stack(current).reshape(-1, c)
 
 
 def _pool_from_tables(features: Tensor, batch_index: Tensor, lookups: tuple[Tensor, Tensor],
-                      levels: list[int]) -> Tensor:
+                      widths: list[list[int]]) -> Tensor:
     """``[N, bins^3, C]`` pooled maxima: per bin the max of its 8 table lookups. Plain differentiable ops, so
     autograd routes the gradient back through the lookups and the ``maximum``s to the arg-max voxels (an exact
     tie of two different voxels shares it, as ``amax`` does; in practice only ReLU zeros tie, and the ReLU drops
@@ -174,16 +185,17 @@ def _pool_from_tables(features: Tensor, batch_index: Tensor, lookups: tuple[Tens
     b, c = features.shape[:2]
     zyx = features.shape[2] * features.shape[3] * features.shape[4]
     n, cells = tables.shape
-    n_tables = levels[0] * levels[1] * levels[2]
+    n_tables = len(widths[0]) * len(widths[1]) * len(widths[2])
     rows_base = (tables * b + batch_index[:, None]) * zyx  # row of (table, image, position 0)
     per_chunk = max(1, _TABLE_CHUNK_ELEMENTS // max(1, n_tables * b * zyx))
+    rows = (rows_base[None] + positions).flatten()
     out = []
     for c0 in range(0, c, per_chunk):
-        values = _build_tables(features[:, c0 : c0 + per_chunk], levels)
+        values = _build_tables(features[:, c0 : c0 + per_chunk], widths)
         # One gather for the 8 corners (its backward is one scatter into the tables, not eight).
-        corners = values.index_select(0, (rows_base[None] + positions).flatten())
+        corners = values.index_select(0, rows)
         out.append(corners.view(8, n * cells, -1).amax(dim=0))
-    return torch.cat(out, dim=1).view(n, cells, c)
+    return (torch.cat(out, dim=1) if len(out) > 1 else out[0]).view(n, cells, c)
 
 
 class RcnnHead(nn.Module):

@@ -37,7 +37,8 @@ from .checkpoint_files import (BEST, FINAL_MODEL, LAST, TrainState, export_model
 from .config import TrainConfig
 from .distributed import (DistInfo, all_ranks_true, broadcast_buffers, gather_objects, mean_over_ranks,
                           weights_digest)
-from .schedule import learning_rate, make_optimizer, set_learning_rate, stage_start_epochs, stages_for_epoch
+from .schedule import (fill_momentum_buffers, learning_rate, make_optimizer, set_learning_rate, stage_start_epochs,
+                       stages_for_epoch)
 from .validate import mine_hard_negatives, validate
 
 if TYPE_CHECKING:
@@ -117,6 +118,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if needs_scaler else None
         if checkpoint is not None:
             self.optimizer.load_state_dict(checkpoint["optimizer"])
+            fill_momentum_buffers(self.optimizer)
             if self.scaler is not None and checkpoint.get("grad_scaler"):
                 self.scaler.load_state_dict(checkpoint["grad_scaler"])
         # find_unused_parameters: in the RPN-only epochs the RCNN and mask heads get no gradient.
