@@ -15,12 +15,11 @@ import numpy as np
 import pytest
 
 from nodulenet.io.dicom import read_dicom_series
-from nodulenet.io.volume import Geometry, Volume
+from nodulenet.io.volume import Volume
 from nodulenet.preprocess.config import LungMaskConfig, PrepareConfig
 from nodulenet.preprocess.lung_mask import LungMaskResult, segment_lungs
 from nodulenet.preprocess.lung_mask_coarse import (
     coarse_factors,
-    coarse_geometry,
     pool_air_fraction,
     pool_any,
     refine_mask,
@@ -55,22 +54,6 @@ def test_upsample_is_the_kronecker_copy_cut_to_shape() -> None:
     coarse = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
     expected = np.kron(coarse, np.ones((2, 3, 1), dtype=np.uint8))[:3, :8, :4]
     np.testing.assert_array_equal(upsample(coarse, (2, 3, 1), (3, 8, 4)), expected)
-
-
-def test_coarse_voxels_sit_at_the_centre_of_the_cells_they_pool() -> None:
-    # An oblique, flipped direction: the centre must come from the geometry, not from index arithmetic alone.
-    c, s = np.cos(0.3), np.sin(0.3)
-    direction = (c, -s, 0.0, s, c, 0.0, 0.0, 0.0, -1.0)
-    fine = Geometry((10, 12, 9), (1.25, 0.7, 0.7), (-100.0, 20.0, 300.0), direction)
-    factors = (2, 3, 3)
-    coarse = coarse_geometry(fine, factors)
-    assert coarse.shape_zyx == (5, 4, 3)
-    assert coarse.spacing_zyx == pytest.approx((2.5, 2.1, 2.1))
-    for index in [(0, 0, 0), (4, 3, 2), (2, 1, 0)]:
-        cell = np.stack(np.meshgrid(*[np.arange(i * f, (i + 1) * f) for i, f in zip(index, factors)],
-                                    indexing="ij"), -1).reshape(-1, 3)
-        centre = fine.voxel_to_world(cell).mean(axis=0)
-        np.testing.assert_allclose(coarse.voxel_to_world(index), centre, atol=1e-9)
 
 
 def test_coarse_factors() -> None:

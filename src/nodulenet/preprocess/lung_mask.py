@@ -50,14 +50,7 @@ from scipy.spatial import ConvexHull, QhullError
 from nodulenet.errors import NoduleNetError
 from nodulenet.io.volume import Geometry, Volume
 from nodulenet.preprocess.config import LungMaskConfig
-from nodulenet.preprocess.lung_mask_coarse import (
-    coarse_factors,
-    coarse_geometry,
-    pool_air_fraction,
-    pool_any,
-    refine_mask,
-    upsample,
-)
+from nodulenet.preprocess.lung_mask_coarse import coarse_factors, pool_air_fraction, pool_any, refine_mask, upsample
 
 _SIX_CONNECTED = ndi.generate_binary_structure(3, 1)
 
@@ -115,9 +108,10 @@ class LungMaskResult:
 def segment_lungs(ct: Volume, config: LungMaskConfig | None = None) -> LungMaskResult:
     """Segment the lungs of a CT volume in HU. Raises :class:`LungSegmentationError` if none is found.
 
-    Steps 1-5 run on a grid about ``config.coarse_grid_mm`` coarse and the lungs come back to full
-    resolution by the full-resolution air test near them (:mod:`nodulenet.preprocess.lung_mask_coarse`);
-    ``coarse_grid_mm = 0`` runs them at full resolution (the reference the coarse pass is measured against).
+    Steps 2 and 3 (outside air, lung components) run on a grid about ``config.coarse_grid_mm`` coarse and the
+    lungs come back to full resolution by the full-resolution air test near them
+    (:mod:`nodulenet.preprocess.lung_mask_coarse`); ``coarse_grid_mm = 0`` runs them at full resolution (the
+    single pass the coarse one is measured against).
     """
     cfg = config or LungMaskConfig()
     spacing = np.asarray(ct.spacing_zyx, dtype=np.float64)
@@ -131,8 +125,7 @@ def segment_lungs(ct: Volume, config: LungMaskConfig | None = None) -> LungMaskR
     else:
         coarse_air = pool_air_fraction(air, factors)
         timer.lap("downsample")
-        coarse_spacing = np.asarray(coarse_geometry(ct.geometry, factors).spacing_zyx, dtype=np.float64)
-        coarse_box, coarse_candidates = _find_lung_candidates(coarse_air, coarse_spacing, cfg, timer)
+        coarse_box, coarse_candidates = _find_lung_candidates(coarse_air, spacing * factors, cfg, timer)
         del coarse_air
         ring_box, candidates = refine_mask(air, coarse_box, coarse_candidates, factors)
         # The box the single pass would take (the lungs' own, plus 1): the lung separation pools by 2 from

@@ -20,8 +20,6 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
-from nodulenet.io.volume import Geometry
-
 Factors = tuple[int, int, int]
 
 _CUBE = np.ones((3, 3, 3), dtype=bool)
@@ -66,15 +64,6 @@ def pool_any(mask: np.ndarray, factors: Factors) -> np.ndarray:
                 view = mask[dz :: factors[0], dy :: factors[1], dx :: factors[2]]
                 out[tuple(slice(0, n) for n in view.shape)] |= view
     return out
-
-
-def coarse_geometry(geometry: Geometry, factors: Factors) -> Geometry:
-    """The pooled grid's geometry: each coarse voxel centred on the full-resolution cells it pools."""
-    f = np.asarray(factors, dtype=np.float64)
-    first_centre = geometry.voxel_to_world((f - 1.0) / 2.0)
-    shape = tuple(-(-n // k) for n, k in zip(geometry.shape_zyx, factors))
-    spacing = tuple(float(s) * k for s, k in zip(geometry.spacing_zyx, factors))
-    return Geometry(shape, spacing, tuple(float(v) for v in first_centre), geometry.direction)  # type: ignore[arg-type]
 
 
 def upsample(coarse: np.ndarray, factors: Factors, shape: tuple[int, int, int]) -> np.ndarray:
