@@ -39,10 +39,14 @@ def _blocks(shape: tuple[int, ...], factors: tuple[int, int, int]):
         yield index, tuple(slice(i * f, min(n, (i + 1) * f)) for i, f, n in zip(index, factors, shape))
 
 
-@pytest.mark.parametrize("factors", [(2, 2, 2), (1, 3, 3), (2, 3, 1)])
+@pytest.mark.parametrize("factors", [(2, 2, 2), (1, 3, 3), (2, 3, 1), (1, 12, 12)])  # 144 voxels: counts past uint8
 def test_pooling_equals_a_loop_over_cells(factors: tuple[int, int, int]) -> None:
     rng = np.random.default_rng(7)
-    mask = rng.random((7, 10, 9)) < 0.4  # no axis divisible by every factor: partial cells at the ends
+    # No axis divisible by every factor: partial cells at the ends. Air in 60 % of the voxels but for a band of
+    # cells at 50 % and one at 100 %, so the ">" of the rule and full counts are both exercised.
+    mask = rng.random((7, 26, 25)) < 0.6
+    mask[:, :12, :12] = True
+    mask[:, 12:24, :12] = np.indices((7, 12, 12)).sum(axis=0) % 2 == 0
     fraction = pool_air_fraction(mask, factors)
     anything = pool_any(mask, factors)
     for index, cell in _blocks(mask.shape, factors):

@@ -36,14 +36,15 @@ def coarse_factors(spacing_zyx: tuple[float, float, float], coarse_grid_mm: floa
 def pool_air_fraction(air: np.ndarray, factors: Factors) -> np.ndarray:
     """The coarse air mask: a coarse cell is air when more than half of its full-resolution voxels are. A cell
     exactly half air (a 1 mm wall through a 2 mm cell) stays tissue, so one-voxel walls between air regions
-    survive (with ">= half", an airway tracked on the coarse grid came to 9 instead of 18 mL on LIDC-IDRI-0001:
-    the trachea wall was lost). Cells past the end of an axis that the factor does not divide count the voxels
-    they hold.
+    survive (the trachea wall: while the airway was tracked on the coarse grid, ">= half" tracked 9 instead of
+    18 mL of it on LIDC-IDRI-0001). Cells past the end of an axis that the factor does not divide count the
+    voxels they hold.
 
     Sums of strided views, not a reshape-and-reduce over three axes (numpy reduces those slowly)."""
     shape = tuple(-(-n // f) for n, f in zip(air.shape, factors))
-    count = np.zeros(shape, dtype=np.uint8)
-    cells = np.zeros(shape, dtype=np.uint8)
+    dtype = np.uint8 if int(np.prod(factors)) < 128 else np.uint32  # 2 * count below must not overflow
+    count = np.zeros(shape, dtype=dtype)
+    cells = np.zeros(shape, dtype=dtype)
     for dz in range(factors[0]):
         for dy in range(factors[1]):
             for dx in range(factors[2]):
@@ -51,7 +52,7 @@ def pool_air_fraction(air: np.ndarray, factors: Factors) -> np.ndarray:
                 region = tuple(slice(0, n) for n in view.shape)
                 count[region] += view
                 cells[region] += 1
-    return 2 * count.astype(np.uint16) > cells
+    return 2 * count > cells
 
 
 def pool_any(mask: np.ndarray, factors: Factors) -> np.ndarray:
