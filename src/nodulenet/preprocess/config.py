@@ -66,9 +66,10 @@ class LungMaskConfig:
     dilation_mm: float = 10.0
     """The kept region is the lung mask dilated by this distance (taxicab, = 10 six-connected steps at 1 mm)."""
     coarse_grid_mm: float = 2.0
-    """The lungs are found (outside air, components, airway, separation) on a grid pooled to about this spacing,
-    then decided at full resolution near their border (:mod:`nodulenet.preprocess.lung_mask_coarse`); 0 finds
-    them at full resolution, as before 2026-12-04 (the same lungs within Dice 0.99, ~2x slower)."""
+    """The lung components (air enclosed in the body, the largest 3D components) are found on a grid pooled to
+    about this spacing, then taken at full resolution near it (:mod:`nodulenet.preprocess.lung_mask_coarse`); the
+    rest of the mask runs at full resolution. 0 finds them at full resolution, as before 2026-12-04: per lung
+    Dice >= 0.996 between the two on the LIDC scans and 20 phantoms, the single pass 1.4-1.7x slower."""
 
 
 @dataclass(frozen=True)
