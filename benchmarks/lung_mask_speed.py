@@ -6,7 +6,10 @@ then the two masks run alternately (single, coarse, single, coarse, ...) ``--rep
 the same machine load. Recorded per scan: median wall and CPU seconds of each, their ratio, the stage times of
 the last run of each, and the Dice per lung label of the coarse mask against the single pass.
 
-    .venv/bin/python benchmarks/lung_mask_speed.py [--repeats 3] [--data PATH] [--name lung_mask_speed]
+    .venv/bin/python benchmarks/lung_mask_speed.py [--repeats 3] [--phantoms 20] [--data PATH] [--name NAME]
+
+``--phantoms N`` also runs both masks once each on the phantoms of seeds 2000.. (the acceptance set of
+tests/test_preprocess_lung_mask_coarse.py) and records their Dice per lung and CPU seconds.
 
 The load average at the start and end is recorded: the figures that travel between machines are the ratios.
 """
@@ -76,10 +79,37 @@ def _one_scan(series_dir: Path, repeats: int) -> dict[str, Any]:
     return figures
 
 
+def _phantoms(n: int) -> dict[str, Any]:
+    from nodulenet.preprocess.config import LungMaskConfig, PrepareConfig
+    from nodulenet.preprocess.lung_mask import segment_lungs
+    from nodulenet.preprocess.phantom import PhantomConfig, make_phantom
+    from nodulenet.preprocess.prepare import canonical_hu
+
+    per_seed: dict[str, Any] = {}
+    cpu = {"single_pass": 0.0, "coarse_first": 0.0}
+    for seed in range(2000, 2000 + n):
+        ct = canonical_hu(make_phantom(seed, PhantomConfig()).image, PrepareConfig())[0]
+        results = {}
+        for name, config in (("single_pass", LungMaskConfig(coarse_grid_mm=0.0)), ("coarse_first", LungMaskConfig())):
+            _, seconds, results[name] = _timed(lambda: segment_lungs(ct, config))  # noqa: B023 (called at once)
+            cpu[name] += seconds
+        single, coarse = results["single_pass"], results["coarse_first"]
+        per_seed[str(seed)] = {
+            "dice_per_lung": [round(_dice(coarse.lungs == k, single.lungs == k), 5)
+                              for k in range(1, single.n_lungs + 1)],
+            "dice_kept": round(_dice(coarse.kept, single.kept), 5),
+            "separation_erosion_mm": [single.separation_erosion_mm, coarse.separation_erosion_mm],
+        }
+    worst = min(min(v["dice_per_lung"]) for v in per_seed.values())
+    return {"seeds": per_seed, "min_dice_per_lung": worst, "total_cpu_s": {k: round(v, 2) for k, v in cpu.items()},
+            "speedup_cpu_s": round(cpu["single_pass"] / cpu["coarse_first"], 2)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--phantoms", type=int, default=0, help="also compare on this many phantoms (seeds 2000..)")
     parser.add_argument("--name", default="lung_mask_speed", help="name of the JSON record")
     args = parser.parse_args()
     figures: dict[str, Any] = {
@@ -98,6 +128,10 @@ def main() -> None:
               f"kept {case['dice_kept']}")
         print(f"  stages single {case['single_pass']['stage_seconds_last_run']}")
         print(f"  stages coarse {case['coarse_first']['stage_seconds_last_run']}")
+    if args.phantoms:
+        figures["phantoms"] = _phantoms(args.phantoms)
+        print(f"{args.phantoms} phantoms: min Dice per lung {figures['phantoms']['min_dice_per_lung']}, CPU "
+              f"{figures['phantoms']['total_cpu_s']} (x{figures['phantoms']['speedup_cpu_s']})")
     figures["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
     figures["peak_rss_mib"] = round(peak_rss_mib(), 1)
     record(args.name, figures)
