@@ -4,7 +4,8 @@ pass (``lung.coarse_grid_mm = 0``, the mask before it), interleaved in one proce
 Each scan is read and put on the prepared 1 mm grid once (``canonical_hu``, as ``predict`` and ``prepare`` do);
 then the two masks run alternately (single, coarse, single, coarse, ...) ``--repeats`` times each, so both see
 the same machine load. Recorded per scan: median wall and CPU seconds of each, their ratio, the stage times of
-the last run of each, and the Dice per lung label of the coarse mask against the single pass.
+the last run of each, the peak memory each allocates (an untimed run under tracemalloc), and the Dice per lung
+label of the coarse mask against the single pass.
 
     .venv/bin/python benchmarks/lung_mask_speed.py [--repeats 3] [--phantoms 20] [--data PATH] [--name NAME]
 
@@ -44,6 +45,21 @@ def _timed(fn: Any) -> tuple[float, float, Any]:
     return time.perf_counter() - t0, time.process_time() - c0, value
 
 
+def _peak_traced_mib(fn: Any) -> float:
+    """Peak memory that ``fn`` allocates above what is live when it starts (numpy reports its arrays to
+    tracemalloc), in an untimed run of its own: tracing slows the Python parts."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        fn()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return round((peak - base) / 2**20, 1)
+
+
 def _one_scan(series_dir: Path, repeats: int) -> dict[str, Any]:
     from nodulenet.io.dicom import read_dicom_series
     from nodulenet.preprocess.config import LungMaskConfig, PrepareConfig
@@ -62,12 +78,13 @@ def _one_scan(series_dir: Path, repeats: int) -> dict[str, Any]:
             last[name] = result
     single, coarse = last["single_pass"], last["coarse_first"]
     figures: dict[str, Any] = {"shape_zyx": list(ct.shape_zyx)}
-    for name in variants:
+    for name, config in variants.items():
         figures[name] = {
             **runs[name],
             "median_wall_s": round(statistics.median(runs[name]["wall_s"]), 3),
             "median_cpu_s": round(statistics.median(runs[name]["cpu_s"]), 3),
             "stage_seconds_last_run": last[name].stage_seconds,
+            "peak_traced_mib": _peak_traced_mib(lambda: segment_lungs(ct, config)),  # noqa: B023 (called at once)
         }
     for key in ("median_wall_s", "median_cpu_s"):
         figures[f"speedup_{key[7:]}"] = round(figures["single_pass"][key] / figures["coarse_first"][key], 2)
@@ -125,7 +142,8 @@ def main() -> None:
               f"({case['single_pass']['median_cpu_s']:.2f} s CPU), coarse first "
               f"{case['coarse_first']['median_wall_s']:.2f} s ({case['coarse_first']['median_cpu_s']:.2f} s CPU): "
               f"x{case['speedup_wall_s']} wall, x{case['speedup_cpu_s']} CPU; Dice per lung {case['dice_per_lung']}, "
-              f"kept {case['dice_kept']}")
+              f"kept {case['dice_kept']}; peak allocated {case['single_pass']['peak_traced_mib']:.0f} -> "
+              f"{case['coarse_first']['peak_traced_mib']:.0f} MiB")
         print(f"  stages single {case['single_pass']['stage_seconds_last_run']}")
         print(f"  stages coarse {case['coarse_first']['stage_seconds_last_run']}")
     if args.phantoms:
