@@ -65,6 +65,11 @@ class LungMaskConfig:
     """A slice of a lung is replaced by its convex hull only if that grows its area by at most this factor."""
     dilation_mm: float = 10.0
     """The kept region is the lung mask dilated by this distance (taxicab, = 10 six-connected steps at 1 mm)."""
+    coarse_grid_mm: float = 2.0
+    """The lung components (air enclosed in the body, the largest 3D components) are found on a grid pooled to
+    about this spacing, then taken at full resolution near it (:mod:`nodulenet.preprocess.lung_mask_coarse`); the
+    rest of the mask runs at full resolution. 0 finds them at full resolution, as before 2026-12-04: per lung
+    Dice >= 0.996 between the two on the LIDC scans and 20 phantoms, the single pass 1.4-1.7x slower."""
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,12 @@ implementation with scipy.ndimage):
    diaphragm dome) keep their outline.
 7. **Kept region**: the lungs dilated by 10 six-connected steps (10 mm at 1 mm spacing), as published; the
    preparation keeps the image there and pads elsewhere.
+
+Steps 2 and 3 run on a grid pooled to about ``coarse_grid_mm`` (2 mm: 2x2x2 on the 1 mm grid), and the lungs
+come back to full resolution as the full-resolution air within one coarse voxel of them
+(:mod:`nodulenet.preprocess.lung_mask_coarse`); steps 4-7 run at full resolution, on the box the single pass
+would take. Against the single full-resolution pass (``coarse_grid_mm = 0``) the mask keeps Dice >= 0.996 per
+lung on the real scans and 20 phantoms (tests/test_preprocess_lung_mask_coarse.py).
 """
 
 from __future__ import annotations
@@ -42,8 +48,9 @@ from scipy import ndimage as ndi
 from scipy.spatial import ConvexHull, QhullError
 
 from nodulenet.errors import NoduleNetError
-from nodulenet.io.volume import Volume
+from nodulenet.io.volume import Geometry, Volume
 from nodulenet.preprocess.config import LungMaskConfig
+from nodulenet.preprocess.lung_mask_coarse import coarse_factors, pool_air_fraction, pool_any, refine_mask, upsample
 
 _SIX_CONNECTED = ndi.generate_binary_structure(3, 1)
 
@@ -99,40 +106,53 @@ class LungMaskResult:
 
 
 def segment_lungs(ct: Volume, config: LungMaskConfig | None = None) -> LungMaskResult:
-    """Segment the lungs of a CT volume in HU. Raises :class:`LungSegmentationError` if none is found."""
+    """Segment the lungs of a CT volume in HU. Raises :class:`LungSegmentationError` if none is found.
+
+    Steps 2 and 3 (outside air, lung components) run on a grid about ``config.coarse_grid_mm`` coarse and the
+    lungs come back to full resolution by the full-resolution air test near them
+    (:mod:`nodulenet.preprocess.lung_mask_coarse`); ``coarse_grid_mm = 0`` runs them at full resolution (the
+    single pass the coarse one is measured against).
+    """
     cfg = config or LungMaskConfig()
     spacing = np.asarray(ct.spacing_zyx, dtype=np.float64)
     voxel_ml = float(np.prod(spacing)) / 1000.0
     timer = _StageTimer()
 
     air = ct.array < cfg.threshold_hu
-    body_air = _remove_outside_air(air)
+    factors = coarse_factors(ct.spacing_zyx, cfg.coarse_grid_mm)
+    if factors == (1, 1, 1):
+        box, candidates = _find_lung_candidates(air, spacing, cfg, timer)
+    else:
+        coarse_air = pool_air_fraction(air, factors)
+        timer.lap("downsample")
+        coarse_box, coarse_candidates = _find_lung_candidates(coarse_air, spacing * factors, cfg, timer)
+        del coarse_air
+        ring_box, candidates = refine_mask(air, coarse_box, coarse_candidates, factors)
+        # The box the single pass would take (the lungs' own, plus 1): the lung separation pools by 2 from
+        # the box's corner, and a corner one voxel off moves the junction between fused lungs (Dice 0.989).
+        inner = _bbox_slices(candidates, margin=1)
+        box = tuple(slice(o.start + i.start, o.start + i.stop) for o, i in zip(ring_box, inner))
+        candidates = candidates[inner]
+        timer.lap("refine")
     del air
-    timer.lap("outside_air")
-
-    candidates = _largest_lung_components(body_air, voxel_ml, cfg)
-    if not candidates.any():
-        raise LungSegmentationError(
-            f"no air region of at least {cfg.min_lung_volume_ml:g} mL inside the body below "
-            f"{cfg.threshold_hu:g} HU: is this a chest CT?"
-        )
-    del body_air
-    # Everything below works inside the bounding box of the candidate lungs (a fraction of the scan).
-    box = _bbox_slices(candidates, margin=1)
-    lungs = candidates[box]
-    timer.lap("components")
-
-    airway = _track_airway(lungs, spacing, _head_at_last_slice(ct), cfg)
-    lungs &= ~airway
+    # The airway runs at full resolution: on the coarse grid the trachea wall (1-2 mm) is half lost, the
+    # tracking stops or goes on a few slices off, and the junction between fused lungs moves with it.
+    airway = _track_airway(candidates, spacing, _head_at_last_slice(ct.geometry), cfg)
+    candidates &= ~airway
+    airway_voxels = int(np.count_nonzero(airway))
+    del airway
     timer.lap("airway")
 
-    labels, n_lungs = _label_lungs(lungs, voxel_ml, cfg)
+    labels, n_lungs = _label_lungs(candidates, voxel_ml, cfg)
+    del candidates
+    # The lung separation runs on the full-resolution lungs in either case (on its own 2x coarser grid, as it
+    # always has): the split depth and so the junction between the lungs depend on the lungs' exact outline.
     separation_mm: float | None = None
     if n_lungs == 1:
         split, separation_mm = _split_fused_lungs(labels > 0, spacing, cfg)
         if split is not None:
             labels, n_lungs = split, 2
-    labels = _order_right_left(labels, n_lungs, ct, box)
+    labels = _order_right_left(labels, n_lungs, ct.geometry, box)
     timer.lap("separation")
 
     filled, filled_voxels, hull_slices = _fill_and_hull(labels, n_lungs, cfg.convex_hull_max_area_ratio)
@@ -150,12 +170,33 @@ def segment_lungs(ct: Volume, config: LungMaskConfig | None = None) -> LungMaskR
         spacing_zyx=tuple(float(s) for s in spacing),  # type: ignore[arg-type]
         filled_voxels=filled_voxels,
         n_lungs=n_lungs,
-        airway_voxels=int(np.count_nonzero(airway)),
+        airway_voxels=airway_voxels,
         separation_erosion_mm=separation_mm,
         hull_slices=hull_slices,
         seconds=timer.total(),
         stage_seconds=timer.stages,
     )
+
+
+def _find_lung_candidates(
+    air: np.ndarray, spacing: np.ndarray, cfg: LungMaskConfig, timer: "_StageTimer"
+) -> tuple[tuple[slice, slice, slice], np.ndarray]:
+    """Steps 2-3 on the grid of ``air``: ``(box, the (at most two) lung components in the box)``."""
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    body_air = _remove_outside_air(air)
+    timer.lap("outside_air")
+
+    candidates = _largest_lung_components(body_air, voxel_ml, cfg)
+    if not candidates.any():
+        raise LungSegmentationError(
+            f"no air region of at least {cfg.min_lung_volume_ml:g} mL inside the body below "
+            f"{cfg.threshold_hu:g} HU: is this a chest CT?"
+        )
+    del body_air
+    # Everything below works inside the bounding box of the candidate lungs (a fraction of the scan).
+    box = _bbox_slices(candidates, margin=1)
+    timer.lap("components")
+    return box, candidates[box]
 
 
 def lung_bounding_box(mask: np.ndarray, margin: int = 0) -> tuple[int, int, int, int, int, int]:
@@ -304,7 +345,7 @@ def _track_airway(
             labels, n = ndi.label(lungs[z])
             if n == 0:
                 break
-            touching = np.unique(labels[ndi.binary_dilation(current, iterations=2)])
+            touching = np.unique(_near_in_plane(labels, current, 2))
             touching = touching[touching > 0]
             if touching.size == 0:
                 break
@@ -317,9 +358,18 @@ def _track_airway(
     return airway
 
 
-def _head_at_last_slice(ct: Volume) -> bool | None:
+def _near_in_plane(labels: np.ndarray, mask: np.ndarray, steps: int) -> np.ndarray:
+    """``labels`` where ``mask`` dilated by ``steps`` 4-connected steps is set: the dilation only in the mask's
+    box plus ``steps`` (the airway is a few per cent of the slice; dilating the whole slice took ~0.1 s)."""
+    rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+    box = (slice(max(0, int(rows[0]) - steps), int(rows[-1]) + 1 + steps),
+           slice(max(0, int(cols[0]) - steps), int(cols[-1]) + 1 + steps))
+    return labels[box][ndi.binary_dilation(mask[box], iterations=steps)]
+
+
+def _head_at_last_slice(geometry: Geometry) -> bool | None:
     """True if the slice index grows towards the head (world +z in LPS is superior), None if not axial."""
-    slice_axis_world_z = ct.geometry.direction_matrix[2, 2]
+    slice_axis_world_z = geometry.direction_matrix[2, 2]
     if abs(slice_axis_world_z) < 0.5:
         return None
     return bool(slice_axis_world_z > 0)
@@ -361,10 +411,7 @@ def _split_fused_lungs(
     between the lungs is a thin sheet that this resolution still resolves.
     """
     factor = 2
-    pad = [(0, (-n) % factor) for n in mask.shape]
-    padded = np.pad(mask, pad)
-    zc, yc, xc = (n // factor for n in padded.shape)
-    coarse = padded.reshape(zc, factor, yc, factor, xc, factor).any(axis=(1, 3, 5))
+    coarse = pool_any(mask, (factor,) * 3)
     coarse_spacing = spacing * factor
     # The edt package (exact Euclidean distances, the cc3d authors') instead of scipy's distance_transform_edt,
     # whose feature transform was ~2 s of the ~4 s separation on LIDC-IDRI-0001: the same lungs on both real
@@ -380,14 +427,15 @@ def _split_fused_lungs(
             # Every voxel to its nearest core (the first core on a tie).
             to_first = edt.edt(cores != order[0], anisotropy=sampling, black_border=False)
             to_second = edt.edt(cores != order[1], anisotropy=sampling, black_border=False)
-            coarse_labels = np.where(to_first <= to_second, 1, 2).astype(np.uint8) * coarse
-            fine = np.repeat(np.repeat(np.repeat(coarse_labels, factor, 0), factor, 1), factor, 2)
-            fine = fine[: mask.shape[0], : mask.shape[1], : mask.shape[2]] * mask
-            return fine.astype(np.uint8), float(erosion_mm)
+            coarse_labels = np.where(to_first <= to_second, np.uint8(1), np.uint8(2)) * coarse
+            fine = upsample(coarse_labels, (factor,) * 3, mask.shape)
+            fine *= mask
+            return fine, float(erosion_mm)
     return None, None
 
 
-def _order_right_left(labels: np.ndarray, n_lungs: int, ct: Volume, box: tuple[slice, slice, slice]) -> np.ndarray:
+def _order_right_left(labels: np.ndarray, n_lungs: int, geometry: Geometry,
+                      box: tuple[slice, slice, slice]) -> np.ndarray:
     """Relabel so 1 = the patient's right lung (smaller world x in LPS), 2 = left."""
     if n_lungs < 2:
         return labels
@@ -396,7 +444,7 @@ def _order_right_left(labels: np.ndarray, n_lungs: int, ct: Volume, box: tuple[s
     step = 4
     sub = labels[::step, ::step, ::step]
     centres = np.array([np.argwhere(sub == lung).mean(axis=0) * step for lung in (1, 2)]) + offset
-    world_x = ct.geometry.voxel_to_world(centres)[:, 0]
+    world_x = geometry.voxel_to_world(centres)[:, 0]
     if world_x[0] > world_x[1]:
         labels = np.where(labels > 0, 3 - labels, 0).astype(np.uint8)
     return labels
