@@ -215,19 +215,23 @@ def _gather_targets(masks: Tensor, mask_sizes: Tensor, origins: Tensor, nodule: 
                     extent: Tensor, size: tuple[int, int, int]) -> Tensor:
     """Float 0/1 ``[n, d, h, w]``: nodule ``nodule[i]``'s tight mask (``masks [G, Dm, Hm, Wm]`` padded, true size
     ``mask_sizes [G, 3]``, placed at ``origins [G, 3]``) inside the crop at ``start[i]`` of ``extent[i]`` voxels, as
-    ``paste_masks_to_crop``, padded to ``size`` with zeros."""
-    inside, rel = None, []
-    for axis in range(3):
+    ``paste_masks_to_crop``, padded to ``size`` with zeros. A crop voxel ``p`` reads mask voxel ``start + p -
+    origin``, inside where that is in ``[0, mask size)`` and ``p < extent``: per axis ``p`` in ``[lo, hi)``."""
+    n = nodule.shape[0]
+    offset = start - origins.index_select(0, nodule)  # the crop's first voxel in the mask's frame, [n, 3]
+    lo, hi = (-offset).clamp_(min=0), torch.minimum(mask_sizes.index_select(0, nodule) - offset, extent)
+    last = torch.tensor(masks.shape[1:], device=start.device) - 1
+    inside, read = [], []
+    for axis, (low, high, first, top) in enumerate(zip(lo.unbind(1), hi.unbind(1), offset.unbind(1), last.unbind(0))):
         p = torch.arange(size[axis], device=start.device)
-        r = start[:, axis, None] + p - origins[nodule, axis, None]
-        ok = (r >= 0) & (r < mask_sizes[nodule, axis, None]) & (p < extent[:, axis, None])
-        shape = [-1, 1, 1, 1]
+        shape = [n, 1, 1, 1]
         shape[axis + 1] = size[axis]
-        ok = ok.view(shape)
-        inside = ok if inside is None else inside & ok
-        rel.append(r.clamp(min=0, max=masks.shape[axis + 1] - 1).view(shape))
-    values = masks[nodule[:, None, None, None], rel[0], rel[1], rel[2]] > 0
-    return (values & inside).float()
+        inside.append(((p >= low.view(n, 1)) & (p < high.view(n, 1))).view(shape))
+        read.append(torch.minimum((first.view(n, 1) + p).clamp_(min=0), top).view(shape))
+    z, y, x = read
+    height, width = masks.shape[2], masks.shape[3]
+    flat = (nodule * (masks.shape[1] * height * width)).view(n, 1, 1, 1) + z * (height * width) + y * width + x
+    return (masks.take(flat) > 0).logical_and_(inside[0] & inside[1] & inside[2]).float()
 
 
 def pad_nodule_masks(masks: list[Tensor], device: torch.device) -> tuple[Tensor, Tensor]:
