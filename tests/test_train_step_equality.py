@@ -141,6 +141,40 @@ def test_batched_nms_equals_nms_3d_per_image(n: int, matrix_limit: int, chunk: i
             assert bool(kept[i][: expected.numel()].all()) and not bool(kept[i][expected.numel():].any())
 
 
+# Integer corners and scores in few values: many IoUs exactly at the threshold (3 / 30 = 0.1) and many score ties,
+# which only an NMS doing nms_3d's own float operations in nms_3d's order decides the same way.
+@pytest.mark.parametrize("path, matrix_limit", [("rounds", 0), ("matrix", 1 << 28)])
+@pytest.mark.parametrize("iou_threshold", [0.1, 0.5, 1.0])
+def test_batched_nms_equals_nms_3d_on_ties_and_empty_images(path: str, matrix_limit: int, iou_threshold: float,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from nodulenet.model import box_ops
+    from nodulenet.model.box_ops import nms_3d, nms_batched_top_k
+
+    monkeypatch.setattr(box_ops, "_NMS_MATRIX_ELEMENTS", matrix_limit)
+    gen = torch.Generator().manual_seed(int(iou_threshold * 10))
+    b, n = 9, 240
+    lo = torch.randint(0, 12, (b, n, 3), generator=gen).float()
+    boxes = torch.cat([lo, lo + torch.randint(0, 6, (b, n, 3), generator=gen).float()], dim=2)  # some zero-size
+    scores = torch.randint(0, 5, (b, n), generator=gen).float()
+    valid = torch.rand(b, n, generator=gen) > 0.3
+    valid[1] = False  # an all-invalid image
+    valid[4, 1:] = False  # one candidate
+    order = torch.sort(torch.where(valid, scores, -1.0), dim=1, descending=True, stable=True).indices
+    sorted_boxes = boxes.gather(1, order[..., None].expand(-1, -1, 6))
+    checked = 0
+    for k in (1, 7, 60, n + 3):  # the scan (matrix, N < 4k) and the picking rounds (matrix, small k) both run
+        index, kept = nms_batched_top_k(sorted_boxes, valid.gather(1, order), iou_threshold, k)
+        assert index.shape == kept.shape == (b, k)
+        for i in range(b):
+            real = torch.nonzero(valid[i]).squeeze(1)
+            expected = real[nms_3d(boxes[i][real], scores[i][real], iou_threshold)][:k]
+            assert torch.equal(order[i][index[i][kept[i]]], expected), (k, i)
+            assert bool(kept[i][: expected.numel()].all()) and not bool(kept[i][expected.numel():].any())
+            assert not bool(index[i][~kept[i]].any())  # unused slots point at position 0
+            checked += expected.numel()
+    assert checked > 1000 and not bool(kept[1].any())
+
+
 def test_batched_proposals_equal_per_image_proposals() -> None:
     from nodulenet.model.anchors import make_anchors
     from nodulenet.model.box_coder import BoxCoder

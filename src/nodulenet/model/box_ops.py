@@ -271,15 +271,17 @@ def remove_small_boxes(boxes: Tensor, min_size: float) -> Tensor:
 
 
 # Largest [B, N, N] survival matrix nms_batched_top_k precomputes (1 byte each, built in row chunks of
-# _NMS_MATRIX_CHUNK pairs); above it, IoUs per round. With the matrix a round is ~8 tensor calls, without it ~40.
+# _NMS_MATRIX_CHUNK pairs); above it, IoUs per round. With the matrix a round is 4 tensor calls, without it 13.
 # A GPU builds even the tiny network's training matrix (batch 16 x 6,000^2 = 576 M pairs) in milliseconds; one CPU
 # core needs ~37 s for it (measured), and ~10 s for the published batch's 144 M pairs (its step went from 1.03 to
-# 1.18 x the old step's time), against ~1 s for 300 rounds of per-round IoUs: hence a limit per device.
+# 1.18 x the old step's time), against ~0.15 s for 300 rounds of per-round IoUs at batch 16: hence a limit per
+# device.
 _NMS_MATRIX_ELEMENTS = 1 << 25
 _NMS_MATRIX_ELEMENTS_CUDA = 1 << 31
-# With the matrix and few candidates per kept slot (N < k * _NMS_SCAN_BLOCK), the greedy pass instead scans the
-# candidates this many at a time through lookup tables over the 2^block alive patterns: N / block steps, not k.
-_NMS_SCAN_BLOCK = 4
+# With the matrix and fewer blocks of candidates than kept slots (N / _NMS_SCAN_BLOCK < k), the greedy pass instead
+# scans the candidates this many at a time through lookup tables over the 2^block alive patterns (one byte):
+# N / block steps of 6 calls, not k rounds of 4.
+_NMS_SCAN_BLOCK = 8
 _NMS_MATRIX_CHUNK = 1 << 24
 
 
@@ -306,59 +308,51 @@ def nms_batched_top_k(boxes: Tensor, valid: Tensor, iou_threshold: float, k: int
     for slots after an image's last kept box), the same boxes in the same order as :func:`nms_3d` truncated to
     ``k`` (suppression when IoU > threshold). Cost: ``k`` rounds of a few ``[B, N]`` ops - the greedy rule is
     sequential in the kept boxes, and an exact greedy NMS cannot stop early without reading a value back - and
-    never a host round trip, so a GPU runs it without waiting. While ``B * N * N`` fits ``_NMS_MATRIX_ELEMENTS``
-    (``_NMS_MATRIX_ELEMENTS_CUDA`` on a GPU) the pairwise survival matrix is built once and a round is 3 tensor
-    calls (pick, gather a row, AND).
+    never a host round trip, so a GPU runs it without waiting. The images are one leading batch dimension of
+    every call, so the number of calls does not depend on ``B``. While ``B * N * N`` fits
+    ``_NMS_MATRIX_ELEMENTS`` (``_NMS_MATRIX_ELEMENTS_CUDA`` on a GPU) the pairwise survival matrix is built once
+    and a round is 4 tensor calls (pick, index arithmetic, take a row, AND); above it 13 (:func:`_greedy_rounds`).
     """
     b, n = valid.shape
     dtype = _compute_dtype(boxes)
     if n == 0 or k == 0:
         return torch.zeros((b, k), dtype=torch.long, device=boxes.device), torch.zeros((b, k), dtype=torch.bool,
                                                                                        device=boxes.device)
-    flat = boxes.detach().to(dtype).reshape(b * n, 6)
-    lo, hi = flat[:, :3].reshape(b, n, 3), flat[:, 3:].reshape(b, n, 3)
-    scaled_volume = (hi - lo).clamp(min=0).prod(dim=2) * iou_threshold  # t * volume, [B, N]
+    flat = boxes.detach().to(dtype).reshape(b, n, 6)
+    limit = _NMS_MATRIX_ELEMENTS_CUDA if boxes.device.type == "cuda" else _NMS_MATRIX_ELEMENTS
+    if b * n * n > limit:
+        return _greedy_rounds(flat, valid, iou_threshold, k)
+    lo, hi = flat[..., :3], flat[..., 3:]
+    volume = (hi - lo).clamp(min=0).prod(dim=2)  # as box_volume
     image = torch.arange(b, device=boxes.device)
     rounds = min(k, n)
     picks = []
-    limit = _NMS_MATRIX_ELEMENTS_CUDA if boxes.device.type == "cuda" else _NMS_MATRIX_ELEMENTS
-    if b * n * n <= limit:
-        # The whole survival matrix (uint8: argmax takes no bool), in row chunks that bound the float temporaries;
-        # then a round is a pick and one row gather + AND.
-        survives = torch.empty((b, n, n), dtype=torch.uint8, device=boxes.device)
-        rows = max(1, _NMS_MATRIX_CHUNK // (b * n))
-        for r0 in range(0, n, rows):
-            r1 = min(n, r0 + rows)
-            inter = (torch.minimum(hi[:, r0:r1, None], hi[:, None]) - torch.maximum(lo[:, r0:r1, None], lo[:, None])
-                     ).clamp_(min=0).prod(dim=3)
-            # IoU > t  <=>  inter * (1 + t) > t * (v_a + v_b)  (see _overlap_exceeds).
-            torch.le(inter.mul_(1.0 + iou_threshold), scaled_volume[:, r0:r1, None] + scaled_volume[:, None],
-                     out=survives[:, r0:r1])
-        survives.diagonal(dim1=1, dim2=2).zero_()  # a box always removes itself, zero-volume ones included
-        if n < rounds * _NMS_SCAN_BLOCK and b * n * n * (1 << _NMS_SCAN_BLOCK) // _NMS_SCAN_BLOCK <= limit:
-            return _first_kept(_scan_keep(survives, valid), k)
-        alive = valid.to(torch.uint8)
-        for _ in range(rounds):
-            pick = alive.argmax(dim=1)  # first alive = highest remaining score
-            picks.append(pick)
-            alive.bitwise_and_(survives[image, pick])
-        index = torch.stack(picks, dim=1)
-    else:
-        # Per round: the pick's row of one [B, N, 7] table (hi, -lo, t * volume), then one minimum gives both
-        # min(hi) and -max(lo) (negation is exact), so hi - lo of the intersection is one add.
-        negated = torch.cat((hi, -lo), dim=2)
-        table = torch.cat((negated, scaled_volume[..., None]), dim=2).reshape(b * n, 7)
-        offsets = image * n
-        alive = valid.to(dtype)
-        for _ in range(rounds):
-            pick = alive.argmax(dim=1)
-            picks.append(pick)
-            row = table.index_select(0, pick + offsets).view(b, 1, 7)
-            bounds = torch.minimum(negated, row[..., :6])
-            inter = (bounds[..., :3] + bounds[..., 3:]).clamp_(min=0).prod(dim=2)
-            alive.masked_fill_(inter.mul_(1.0 + iou_threshold) > scaled_volume + row[..., 6], 0.0)
-            alive.scatter_(1, pick[:, None], 0.0)  # a zero-volume pick does not remove itself by IoU
-        index = torch.stack(picks, dim=1)
+    # The whole survival matrix (uint8: argmax takes no bool), in row chunks that bound the float temporaries;
+    # then a round is a pick and one row gather + AND.
+    survives = torch.empty((b, n, n), dtype=torch.uint8, device=boxes.device)
+    rows = max(1, _NMS_MATRIX_CHUNK // (b * n))
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        inter = (torch.minimum(hi[:, r0:r1, None], hi[:, None]) - torch.maximum(lo[:, r0:r1, None], lo[:, None])
+                 ).clamp_(min=0).prod(dim=3)
+        # IoU > t  <=>  inter * (1 + t) > (v_a + v_b) * t, in the float operations of nms_3d's _overlap_exceeds
+        # (t * v_a + t * v_b rounds differently: an IoU of exactly t could go either way).
+        torch.le(inter.mul_(1.0 + iou_threshold), (volume[:, r0:r1, None] + volume[:, None]).mul_(iou_threshold),
+                 out=survives[:, r0:r1])
+    survives.diagonal(dim1=1, dim2=2).zero_()  # a box always removes itself, zero-volume ones included
+    blocks = -(-n // _NMS_SCAN_BLOCK)
+    if blocks < rounds and b * blocks * blocks << _NMS_SCAN_BLOCK <= limit:
+        return _first_kept(_scan_keep(survives, valid), k)
+    # A round: pick, one take of the pick's row (flat positions in a fixed buffer), AND; 4 calls.
+    alive = valid.to(torch.uint8)
+    flat_survives = survives.view(-1)
+    row_start = (image * (n * n))[:, None] + torch.arange(n, device=boxes.device)
+    row_index, row = torch.empty_like(row_start), torch.empty_like(alive)
+    for _ in range(rounds):
+        pick = alive.argmax(dim=1, keepdim=True)  # first alive = highest remaining score
+        picks.append(pick)
+        alive.bitwise_and_(torch.take(flat_survives, torch.add(row_start, pick, alpha=n, out=row_index), out=row))
+    index = torch.cat(picks, dim=1)
     # Whether a round kept a box, read off the picks: the first pick is kept iff the best box is valid, a later
     # one iff it is not position 0 (position 0 is the first pick; argmax of an all-dead row returns 0).
     keep = torch.cat((valid[:, :1], index[:, 1:] > 0), dim=1)
@@ -368,48 +362,130 @@ def nms_batched_top_k(boxes: Tensor, valid: Tensor, iou_threshold: float, k: int
     return index, keep
 
 
+def _greedy_rounds(boxes: Tensor, valid: Tensor, iou_threshold: float, k: int) -> tuple[Tensor, Tensor]:
+    """:func:`nms_batched_top_k` without the survival matrix: ``min(k, N)`` rounds, each comparing the pick of
+    every image with all of that image's candidates in 13 tensor calls, none of them allocating a ``[B, N]`` tensor.
+
+    ``boxes [B, N, 6]`` score-sorted, in the compute dtype. Nothing is sliced or allocated inside the loop: the
+    pick's row (hi, -lo, volume) comes from one flat table by one ``take`` into a fixed buffer, and every operand
+    is a view, made once, of a buffer that each call writes with ``out=``. The columns are component-major
+    (``[B, 6, N]``), so each call is one long contiguous loop: on one CPU core the rounds take ~1/3 of the time of
+    per-round ``[B, N, 6]`` temporaries (whose fresh pages cost more than the arithmetic). One ``minimum`` gives
+    ``min(hi)`` and ``-max(lo)`` (negation is exact), one add their difference; the test is nms_3d's own,
+    operation for operation: a box survives when ``inter * (1 + t) <= (v_a + v_b) * t``.
+
+    A pick removes itself by its IoU of 1 with itself when ``t < 0.5`` (``1 + t`` and ``2t`` differ by far more
+    than rounding); boxes of zero volume, which overlap nothing, would not, so they never enter the rounds: being
+    never suppressed, they are all kept, merged into the keep mask at the end (each round keeps a box of positive
+    volume while any is alive, so ``min(k, N)`` rounds still find the first ``k`` of the merged order). For
+    ``t >= 0.5`` each round also clears its pick explicitly."""
+    b, n = valid.shape
+    device, dtype = boxes.device, boxes.dtype
+    hi_neglo = torch.cat((boxes[..., 3:], -boxes[..., :3]), dim=2)  # [B, N, 6]
+    columns = hi_neglo.transpose(1, 2).contiguous()  # [B, 6, N]
+    sides = columns[:, :3] + columns[:, 3:]
+    sides.clamp_min_(0)
+    sides_z, sides_y, sides_x = sides.unbind(1)
+    volume = (boxes[..., 3:] - boxes[..., :3]).clamp(min=0).prod(dim=2)  # as box_volume and the matrix path
+    table = torch.cat((hi_neglo, volume[..., None]), dim=2).reshape(-1)  # [B * N * 7]
+    row_start = (torch.arange(b, device=device) * (7 * n))[:, None] + torch.arange(7, device=device)
+    row_index = torch.empty_like(row_start)
+    row = torch.empty((b, 7), dtype=dtype, device=device)
+    row_box, row_volume = row[:, :6, None], row[:, 6:]
+    bounds = torch.empty_like(columns)
+    bounds_hi, bounds_neglo = bounds[:, :3], bounds[:, 3:]
+    inter, limit = torch.empty_like(volume), torch.empty_like(volume)
+    survives = torch.empty((b, n), dtype=torch.bool, device=device)
+    factor, threshold = (torch.tensor(x, dtype=dtype, device=device) for x in (1.0 + iou_threshold, iou_threshold))
+    solid = volume > 0
+    alive = valid & solid
+    alive_bytes = alive.view(torch.uint8)  # argmax takes no bool; same storage
+    picks = []
+    for _ in range(min(k, n)):
+        pick = alive_bytes.argmax(dim=1, keepdim=True)  # first alive = highest remaining score; [B, 1]
+        picks.append(pick)
+        torch.take(table, torch.add(row_start, pick, alpha=7, out=row_index), out=row)
+        torch.minimum(columns, row_box, out=bounds)
+        torch.add(bounds_hi, bounds_neglo, out=sides).clamp_min_(0)
+        torch.mul(sides_z, sides_y, out=inter).mul_(sides_x).mul_(factor)
+        torch.add(volume, row_volume, out=limit).mul_(threshold)
+        alive.bitwise_and_(torch.le(inter, limit, out=survives))
+        if iou_threshold >= 0.5:
+            alive.scatter_(1, pick, False)
+    index = torch.cat(picks, dim=1)
+    # A round kept a box iff its pick was alive: the first iff that box is; a later one iff it is not position 0
+    # (position 0 is the first pick or never alive; argmax of an all-dead row returns 0).
+    first = index[:, :1]
+    kept_pick = torch.cat(((valid & solid).gather(1, first), index[:, 1:] > 0), dim=1)
+    keep = torch.zeros((b, n + 1), dtype=torch.bool, device=device)
+    keep.scatter_(1, torch.where(kept_pick, index, n), True)  # column n collects the rounds that kept nothing
+    return _first_kept(keep[:, :n] | (valid & ~solid), k)
+
+
 def _scan_keep(survives: Tensor, valid: Tensor) -> Tensor:
     """Greedy keep mask ``[B, N]`` from the survival matrix (``survives[b, i, j]`` = 1 when ``j`` survives a kept
-    ``i``, diagonal 0) of score-sorted candidates, ``_NMS_SCAN_BLOCK`` (m) candidates per step.
+    ``i``, diagonal 0) of score-sorted candidates, ``_NMS_SCAN_BLOCK`` (m = 8) candidates per step.
 
-    For every block of m consecutive candidates and each of the 2^m patterns of which of them are still alive on
-    entry, the in-block greedy result (which are kept) and the AND of the kept ones' survival rows are tabulated
-    up front, all blocks at once (m sequential steps over ``[B, N/m, 2^m]``); the scan then reads its block's
-    alive pattern, looks up the kept ones and ANDs their rows into ``alive``: exactly the one-box-at-a-time loop,
-    in N/m steps of ~4 tensor calls."""
+    The state is one byte per block of m consecutive candidates: the pattern of which of them are still alive.
+    For every block and each of the 2^m patterns it can have on entry, the in-block greedy result (which members
+    are kept: m steps over ``[B, N/m, 2^m]``) and, for every block, the AND of the kept members' survival bits
+    (``[B, N/m, 2^m, N/m]`` bytes) are tabulated up front; a scan step then reads its block's pattern and ANDs
+    the looked-up bytes into all patterns: the one-box-at-a-time loop, in N/m steps of 6 tensor calls, with the
+    step's positions in fixed index buffers that one add moves on (no slicing in the loop). Entries for the block
+    itself and earlier ones are all ones, so each block keeps its pattern on entry, and the kept members are read
+    off the final patterns at once."""
     b, n = valid.shape
     m = _NMS_SCAN_BLOCK
+    device = valid.device
     pad = (-n) % m
     if pad:  # padding candidates: never alive, suppress nothing
         survives = torch.nn.functional.pad(survives, (0, pad, 0, pad), value=1)
         valid = torch.nn.functional.pad(valid, (0, pad), value=False)
     blocks, size = (n + pad) // m, n + pad
-    rows = survives.view(b, blocks, m, size)  # the survival rows of each block's members
-    inner = torch.diagonal(survives.view(b, blocks, m, blocks, m), dim1=1, dim2=3).permute(0, 3, 1, 2)  # [b,nb,m,m]
-    patterns = torch.arange(1 << m, device=valid.device)
-    kept: list[Tensor] = []  # member i kept, per block and entry pattern: [b, nb, 2^m] bool
-    for i in range(m):
-        ok = ((patterns >> i) & 1).bool().expand(b, blocks, -1)
-        for earlier in range(i):
-            ok = ok & (~kept[earlier] | inner[:, :, earlier, i, None].bool())
-        kept.append(ok)
-    kept_bits = sum((kept[i].to(torch.uint8) << i for i in range(m)), torch.zeros_like(kept[0], dtype=torch.uint8))
-    suppress = torch.ones((b, blocks, 1 << m, size), dtype=torch.uint8, device=valid.device)
-    for i in range(m):
-        suppress &= torch.where(kept[i][..., None], rows[:, :, i, None, :], 1)
-    # Flat tables, so a step's lookups are two index_selects at row (image, block, pattern).
-    kept_bits, suppress = kept_bits.reshape(-1), suppress.view(-1, size)
-    arange = torch.arange(max(b, blocks), device=valid.device)
-    base = (arange[None, :b] * blocks + arange[:blocks, None]) << m  # [blocks, B]: row of (image, block, pattern 0)
-    weights = (1 << torch.arange(m, device=valid.device)).to(torch.uint8)
-    alive = valid.to(torch.uint8)
-    found = []
-    for block in range(blocks):
-        row = (alive[:, block * m : (block + 1) * m] * weights).sum(dim=1) + base[block]
-        found.append(kept_bits.index_select(0, row))
-        alive &= suppress.index_select(0, row)
-    bits = (torch.stack(found, dim=1)[..., None] >> torch.arange(m, device=valid.device)) & 1
-    return bits.reshape(b, size)[:, :n].bool()
+    member = torch.arange(m, device=device)
+    weights = (1 << member).to(torch.uint8)
+    # packed[b, i, c]: which members of block c survive candidate i, member r at bit r.
+    packed = (survives.view(b, size, blocks, m) * weights).sum(dim=3, dtype=torch.uint8).view(b, blocks, m, blocks)
+    block = torch.arange(blocks, device=device)
+    # A step leaves its own and earlier blocks' patterns alone (each block keeps its pattern on entry).
+    packed.masked_fill_((block[None, :] <= block[:, None])[None, :, None, :], 255)
+    # suppressors[b, j, i]: the earlier members of block j that remove its member i, as bits.
+    inner = torch.diagonal(survives.view(b, blocks, m, blocks, m), dim1=1, dim2=3).permute(0, 3, 1, 2)  # [b,nb,e,i]
+    earlier = member[:, None] < member[None, :]
+    suppressors = ((inner == 0) & earlier).to(torch.uint8).mul_(weights[:, None]).sum(dim=2, dtype=torch.uint8)
+    patterns = torch.arange(1 << m, device=device)
+    kept = torch.zeros((b, blocks, 1 << m), dtype=torch.uint8, device=device)  # kept members per entry pattern
+    masks = torch.full((b, blocks, 1 << m, blocks), 255, dtype=torch.uint8, device=device)
+    survivors, not_kept = torch.empty_like(masks), torch.empty_like(kept)
+    zero, full = torch.tensor(0, dtype=torch.uint8, device=device), torch.tensor(255, dtype=torch.uint8, device=device)
+    # Member i's operands as views made once (unbind), and 0-dim constants: no slicing or scalar wrapping per i.
+    for alive_on_entry, removed_by, member_bit, rows in zip(
+            ((patterns[:, None] >> member) & 1).bool().unbind(1), suppressors[..., None].unbind(2),
+            weights.unbind(0), packed[:, :, :, None, :].unbind(2)):
+        # Member i is kept if alive on entry and no kept earlier member removes it.
+        kept_i = torch.eq(torch.bitwise_and(kept, removed_by), zero).bitwise_and_(alive_on_entry)
+        kept.bitwise_or_(torch.where(kept_i, member_bit, zero))
+        # AND in its survival bits where it is kept: bits | 255 elsewhere (byte ops; a where here costs 7x more).
+        torch.where(kept_i, zero, full, out=not_kept)
+        masks.bitwise_and_(torch.bitwise_or(rows, not_kept[..., None], out=survivors))
+    state = (valid.view(b, blocks, m).to(torch.uint8) * weights).sum(dim=2, dtype=torch.uint8)
+    # positions[:, 0]: the step's block in the flat state; positions[:, 1:]: its masks for pattern 0 in the flat
+    # table. Both start one step early: each step begins by moving them on.
+    image_block = (torch.arange(b, device=device) * blocks - 1)[:, None]
+    positions = torch.cat((image_block, (image_block << m) * blocks + block), dim=1)
+    step = torch.tensor([1] + [blocks << m] * blocks, device=device)
+    at_block, at_masks = positions[:, :1], positions[:, 1:]
+    flat_state, flat_masks = state.view(-1), masks.view(-1)
+    pattern, pattern_long = torch.empty((b, 1), dtype=torch.uint8, device=device), torch.empty_like(at_block)
+    index, looked_up = torch.empty_like(at_masks), torch.empty_like(state)
+    for _ in range(blocks):
+        positions.add_(step)
+        torch.take(flat_state, at_block, out=pattern)
+        pattern_long.copy_(pattern)  # one copy_: an add of uint8 to int64 would convert through a temporary
+        torch.take(flat_masks, torch.add(at_masks, pattern_long, alpha=blocks, out=index), out=looked_up)
+        state.bitwise_and_(looked_up)
+    kept_bits = kept.gather(2, state[..., None].long()).squeeze(2)  # [B, blocks]
+    return ((kept_bits[..., None] >> member) & 1).view(b, size)[:, :n].bool()
 
 
 def _first_kept(keep: Tensor, k: int) -> tuple[Tensor, Tensor]:
