@@ -165,6 +165,12 @@ def _region_counts(model: Any, images: Any, targets: list[Any], stages: tuple[st
         del model.feature_net.forward, model.rcnn_head.forward
     regions: Counter[str] = Counter()
     backward: Counter[str] = Counter()
+    # Wall time per region, inclusive (a region inside another counts in both; other_forward holds every forward
+    # region and backward the whole backward): where a CPU step's seconds go, beside where its calls go.
+    seconds: Counter[str] = Counter()
+    for event in prof.events():
+        if event.name.startswith("region:"):
+            seconds[event.name[len("region:"):]] += event.time_range.elapsed_us() / 1e6
     for event in prof.events():
         if not event.name.startswith("aten::"):
             continue
@@ -179,7 +185,8 @@ def _region_counts(model: Any, images: Any, targets: list[Any], stages: tuple[st
             backward[grad_fn or "other"] += 1
             label = "backward"
         regions[label or "outside"] += 1
-    return {"regions": dict(regions.most_common()), "backward_by_function": dict(backward.most_common(12))}
+    return {"regions": dict(regions.most_common()), "backward_by_function": dict(backward.most_common(12)),
+            "region_seconds_inclusive": {k: round(v, 3) for k, v in seconds.most_common()}}
 
 
 def _optimizer_counts(model: Any) -> dict[str, int]:
@@ -256,6 +263,8 @@ def main() -> None:
               f"(item/_local_scalar_dense), {f['profiled_seconds_per_step']} s profiled")
     print(f"  new / old = {figures['ratio_new_to_old']:.3f}")
     print("  new step by region: " + ", ".join(f"{k} {v:,}" for k, v in figures["new"]["regions"].items()))
+    print("  new step seconds by region (inclusive): "
+          + ", ".join(f"{k} {v:.2f}" for k, v in figures["new"]["region_seconds_inclusive"].items()))
     print(f"  optimiser step: {figures['optimizer_step_aten_calls']}")
     if "new_with_gpu_nms_path" in figures:
         g = figures["new_with_gpu_nms_path"]
