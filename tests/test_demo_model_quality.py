@@ -1,6 +1,6 @@
 """The shipped demo model on phantoms it never saw, end to end through ``nodulenet predict``: a regression guard.
 
-Issue 4's target is CPM >= 0.90 on held-out phantoms. The shipped model (stage 5) reaches 0.975 on these seeds
+Issue 4's target is CPM >= 0.90 on held-out phantoms. The shipped model (stage 5) reaches 0.982 on these seeds
 (``benchmarks/results/demo_model_quality_2000.json``) and 0.950 on seeds 1000..1019 (stage 4: 0.982 / 0.961);
 stage 3 reached 0.871 here, so the target separates the two. Slow (about 3 s per phantom on one core): ``pytest -m slow``."""
 

@@ -65,11 +65,14 @@ class LungMaskConfig:
     """A slice of a lung is replaced by its convex hull only if that grows its area by at most this factor."""
     dilation_mm: float = 10.0
     """The kept region is the lung mask dilated by this distance (taxicab, = 10 six-connected steps at 1 mm)."""
-    coarse_grid_mm: float = 2.0
-    """The lung components (air enclosed in the body, the largest 3D components) are found on a grid pooled to
-    about this spacing, then taken at full resolution near it (:mod:`nodulenet.preprocess.lung_mask_coarse`); the
-    rest of the mask runs at full resolution. 0 finds them at full resolution, as before 2026-12-04: per lung
-    Dice >= 0.996 between the two on the LIDC scans and 20 phantoms, the single pass 1.4-1.7x slower."""
+    coarse_grid_mm: float = 0.0
+    """When > 0 (2.0 is the measured setting), the lung components (air enclosed in the body, the largest 3D
+    components) are found on a grid pooled to about this spacing, then taken at full resolution near it
+    (:mod:`nodulenet.preprocess.lung_mask_coarse`); the rest of the mask runs at full resolution. Per lung Dice
+    >= 0.996 against the single pass (0) on the LIDC scans and 20 phantoms, and the lung mask 1.3-1.7x faster; but
+    OFF by default: with it on, a whole ``predict --max-memory 1.6`` of LIDC-IDRI-0001 peaked at 1,800 MiB instead
+    of staying under the limit (tests/test_predict_memory.py, slow), and where the extra peak comes from is not
+    found yet."""
 
 
 @dataclass(frozen=True)

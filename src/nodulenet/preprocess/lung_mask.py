@@ -27,7 +27,8 @@ implementation with scipy.ndimage):
 7. **Kept region**: the lungs dilated by 10 six-connected steps (10 mm at 1 mm spacing), as published; the
    preparation keeps the image there and pads elsewhere.
 
-Steps 2 and 3 run on a grid pooled to about ``coarse_grid_mm`` (2 mm: 2x2x2 on the 1 mm grid), and the lungs
+With ``coarse_grid_mm > 0`` (opt-in; off by default, see its docstring), steps 2 and 3 run on a grid pooled to
+about ``coarse_grid_mm`` (2 mm: 2x2x2 on the 1 mm grid), and the lungs
 come back to full resolution as the full-resolution air within one coarse voxel of them
 (:mod:`nodulenet.preprocess.lung_mask_coarse`); steps 4-7 run at full resolution, on the box the single pass
 would take. Against the single full-resolution pass (``coarse_grid_mm = 0``) the mask keeps Dice >= 0.996 per
