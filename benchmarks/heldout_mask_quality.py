@@ -28,28 +28,19 @@ SMALL_VOXELS = 300
 
 
 def _scores(phantom: Path, predicted_labels: Path) -> list[dict[str, Any]]:
+    """Each phantom nodule against its best-overlapping predicted instance (``nodulenet evaluate``'s matching:
+    :func:`nodulenet.evaluate.seg_metrics.score_case`), with the volume ratio of the pair."""
     import SimpleITK as sitk
+
+    from nodulenet.evaluate.seg_metrics import score_case
 
     truth = sitk.GetArrayFromImage(sitk.ReadImage(str(phantom / "nodule_mask.nii.gz")))
     pred = sitk.GetArrayFromImage(sitk.ReadImage(str(predicted_labels)))
     if pred.shape != truth.shape:
         raise SystemExit(f"{predicted_labels}: shape {pred.shape} is not the phantom's {truth.shape}")
-    pred_voxels = np.bincount(pred.ravel())
-    rows = []
-    for k in np.unique(truth)[1:]:
-        inside = truth == k
-        n_true = int(inside.sum())
-        labels, overlap = np.unique(pred[inside], return_counts=True)
-        best_dice, best_ratio = 0.0, None
-        for label, count in zip(labels, overlap):
-            if label == 0:
-                continue
-            dice = 2.0 * count / (n_true + pred_voxels[label])
-            if dice > best_dice:
-                best_dice, best_ratio = float(dice), float(pred_voxels[label] / n_true)
-        rows.append({"phantom": phantom.name, "label": int(k), "true_voxels": n_true, "dice": round(best_dice, 4),
-                     "volume_ratio": None if best_ratio is None else round(best_ratio, 4)})
-    return rows
+    scores, _ = score_case(pred, truth, case_id=phantom.name)
+    return [{"phantom": s.case_id, "label": s.gt_label, "true_voxels": s.gt_voxels, "dice": round(s.dice, 4),
+             "volume_ratio": None if s.missed else round(s.pred_voxels / s.gt_voxels, 4)} for s in scores]
 
 
 def measure(weights: Path | None, seeds: list[int], out: Path) -> dict[str, Any]:
